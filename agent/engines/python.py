@@ -1,0 +1,193 @@
+"""The `python` engine: ranged GETs in worker processes, written with pwrite into preallocated files.
+
+Each worker process keeps one urllib3 pool (kept-alive connections) and fetches whole parts: it streams
+the body in 1 MiB chunks to the part's offset while hashing it, so memory stays at a chunk per worker.
+A part is retried on a connection error, a read timeout (a stalled server), a short body, a digest
+mismatch, 5xx/429 (honouring Retry-After); 403/404 fail at once. Workers ignore SIGINT/SIGTERM: the
+parent handles the signal and terminates them, so an interrupted pull unwinds in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+import urllib3
+
+from agent.engines.base import BlobJob, Limits, Part, PartDoneFn, ProgressFn
+from agent.errors import (
+    AgentError,
+    CredentialsError,
+    NotFoundError,
+    StorageUnavailableError,
+    VerificationError,
+)
+from agent.retry import backoff_delay, parse_retry_after
+from agent.store import redact_url
+
+CHUNK = 1 << 20
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_POOL: urllib3.PoolManager | None = None
+
+
+class _Retryable(Exception):
+    def __init__(self, why: str, retry_after: float | None = None) -> None:
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class PartTask:
+    url: str
+    path: str
+    size: int
+    part: Part
+    limits: Limits
+
+
+def _init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _pool(limits: Limits) -> urllib3.PoolManager:
+    global _POOL
+    if _POOL is None:
+        timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.read_timeout)
+        _POOL = urllib3.PoolManager(num_pools=4, maxsize=4, timeout=timeout, retries=False)
+    return _POOL
+
+
+def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask) -> int:
+    """Where in the object the body begins: the part's offset for 206, 0 for a plain 200."""
+    status = response.status
+    if status in (200, 206):
+        match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if match:
+            return int(match.group(1))
+        if status == 206:
+            raise _Retryable("206 without Content-Range")
+        return 0  # the server ignored Range and sends the whole object
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    if status == 403:
+        raise CredentialsError(f"{task.path}: access denied (403) fetching bytes {task.part.offset}-")
+    if status == 404:
+        raise NotFoundError(f"{task.path}: object not found (404)")
+    if status >= 500 or status in (408, 429):
+        raise _Retryable(f"HTTP {status}", retry_after)
+    raise StorageUnavailableError(f"{task.path}: server answered HTTP {status}")
+
+
+def _stream_part(task: PartTask, fd: int) -> None:
+    part = task.part
+    end = part.offset + part.length - 1
+    response = _pool(task.limits).request(
+        "GET", task.url, headers={"Range": f"bytes={part.offset}-{end}"}, preload_content=False)
+    reusable = False
+    try:
+        pos = _body_start(response, task)
+        digest = hashlib.sha256() if part.sha256 else None
+        written = 0
+        for chunk in response.stream(CHUNK):
+            if pos < part.offset:  # a 200 for the whole object: skip to our range
+                skip = min(len(chunk), part.offset - pos)
+                chunk, pos = chunk[skip:], pos + skip
+            chunk = chunk[: part.length - written]
+            if chunk:
+                os.pwrite(fd, chunk, part.offset + written)
+                if digest is not None:
+                    digest.update(chunk)
+                written += len(chunk)
+                pos += len(chunk)
+            if written >= part.length:
+                break
+        if written != part.length:
+            raise _Retryable(f"short body: {written} of {part.length} bytes")
+        if digest is not None and digest.hexdigest() != part.sha256:
+            raise _Retryable("part digest mismatch")
+        reusable = pos == part.offset + part.length and response.status == 206
+    finally:
+        # Only a fully read 206 leaves the connection clean for the next request; otherwise drop it.
+        if not reusable:
+            response.close()
+        response.release_conn()
+
+
+def fetch_part(task: PartTask) -> int:
+    """Runs in a worker: fetch one part with retries; returns the number of retries it needed."""
+    fd = os.open(task.path, os.O_WRONLY)
+    try:
+        for attempt in range(task.limits.max_retries + 1):
+            try:
+                _stream_part(task, fd)
+                return attempt
+            except (_Retryable, urllib3.exceptions.HTTPError, OSError) as exc:
+                if attempt == task.limits.max_retries:
+                    raise _final_error(task, exc) from None
+                retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+                limits = task.limits
+                time.sleep(backoff_delay(attempt, limits.backoff_base, limits.backoff_max, retry_after))
+    finally:
+        os.close(fd)
+    return task.limits.max_retries
+
+
+def _final_error(task: PartTask, exc: Exception) -> AgentError:
+    where = f"{os.path.basename(task.path)} bytes {task.part.offset}+{task.part.length}"
+    if isinstance(exc, _Retryable) and "digest" in str(exc):
+        return VerificationError(f"{where}: part digest mismatch after retries")
+    reason = redact_url(str(exc)) if "://" in str(exc) else str(exc)
+    return StorageUnavailableError(f"{where}: gave up after retries ({type(exc).__name__}: {reason[:200]})")
+
+
+class PythonEngine:
+    name = "python"
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.processes = processes
+        self.retries = 0
+
+    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+              on_part_done: PartDoneFn) -> None:
+        tasks = [(job, part) for job in jobs for part in job.parts if part.length > 0]
+        if not tasks:
+            return
+        workers = max(1, min(self.processes or limits.concurrency, len(tasks)))
+        context = multiprocessing.get_context("spawn")
+        executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+        try:
+            self._run(executor, tasks, limits, progress, on_part_done)
+        finally:
+            _stop(executor)
+
+    def _run(self, executor: ProcessPoolExecutor, tasks: list[tuple[BlobJob, Part]], limits: Limits,
+             progress: ProgressFn, on_part_done: PartDoneFn) -> None:
+        pending: dict[Future[int], tuple[BlobJob, Part]] = {}
+        for job, part in tasks:
+            task = PartTask(job.url, str(job.temp_path), job.size, part, limits)
+            pending[executor.submit(fetch_part, task)] = (job, part)
+        while pending:
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in done:
+                job, part = pending.pop(future)
+                self.retries += future.result()  # re-raises the worker's AgentError
+                progress(part.length)
+                on_part_done(job, part)
+
+
+def _stop(executor: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and terminate workers at once (an interrupted pull must be prompt)."""
+    processes = list(getattr(executor, "_processes", {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)

@@ -1,0 +1,207 @@
+"""The snapshot manifest (DESIGN.md §3): huggingface_hub's tree-cache file, and the part-digest sidecar.
+
+Manifest: `models--<org>--<name>/trees/<commit>.json`, exactly huggingface_hub's format (format_version 1).
+Legacy buckets have none; `derive_legacy` rebuilds an equivalent one from the listing.
+
+Sidecar: `models--<org>--<name>/parts/<commit>.json`, written by `stage`:
+
+    {"format_version": 1, "algorithm": "sha256", "part_size": 16777216,
+     "blobs": {"<blob name>": {"size": N, "parts": ["<sha256 of bytes [0, part_size)>", ...]}}}
+
+Part i covers bytes [i * part_size, min(size, (i + 1) * part_size)). A downloader that uses the same part
+size can check each part as it lands and refetch only a bad one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.cache import BLOB_RE, safe_relpath
+from agent.errors import ManifestError, UnsafePathError
+
+FORMAT_VERSION = 1
+DEFAULT_PART_SIZE = 16 << 20
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_FILES = 100_000
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    blob_id: str
+    lfs_sha256: str | None = None
+    lfs_size: int | None = None
+
+    @property
+    def blob_name(self) -> str:
+        """The file's name under blobs/: the LFS sha256 when there is one, else the git blob sha1."""
+        return self.lfs_sha256 or self.blob_id
+
+    def to_json(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"size": self.size, "blob_id": self.blob_id}
+        if self.lfs_sha256 is not None:
+            info["lfs_sha256"] = self.lfs_sha256
+            info["lfs_size"] = self.lfs_size
+        return info
+
+    @classmethod
+    def for_blob(cls, blob_name: str, size: int) -> FileEntry:
+        """The entry a blob's own name implies: 64 hex is an LFS sha256, 40 hex a git blob sha1."""
+        if HEX64.match(blob_name):
+            return cls(size, git_blob_sha1(lfs_pointer(blob_name, size)), blob_name, size)
+        if HEX40.match(blob_name):
+            return cls(size, blob_name)
+        raise ManifestError(f"blob name is neither 40 nor 64 hex: {blob_name[:80]!r}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: Mapping[str, FileEntry]
+
+    @property
+    def total_size(self) -> int:
+        return sum(entry.size for entry in self.blobs().values())
+
+    def blobs(self) -> dict[str, FileEntry]:
+        """Each distinct blob once (two paths may share one)."""
+        return {entry.blob_name: entry for entry in self.files.values()}
+
+    def to_json(self) -> bytes:
+        data = {"format_version": FORMAT_VERSION,
+                "files": {path: self.files[path].to_json() for path in sorted(self.files)}}
+        return json.dumps(data, indent=2).encode()
+
+
+def _entry(path: str, info: Any) -> FileEntry:
+    if not isinstance(info, dict):
+        raise ManifestError(f"manifest entry for {path!r} is not an object")
+    size, blob_id = info.get("size"), info.get("blob_id")
+    lfs_sha, lfs_size = info.get("lfs_sha256"), info.get("lfs_size")
+    if type(size) is not int or size < 0:
+        raise ManifestError(f"manifest entry for {path!r} has no valid size")
+    if not isinstance(blob_id, str) or not HEX40.match(blob_id):
+        raise ManifestError(f"manifest entry for {path!r} has no valid blob_id")
+    if lfs_sha is not None:
+        if not isinstance(lfs_sha, str) or not HEX64.match(lfs_sha):
+            raise ManifestError(f"manifest entry for {path!r} has a malformed lfs_sha256")
+        if lfs_size != size:
+            raise ManifestError(f"manifest entry for {path!r}: lfs_size {lfs_size!r} != size {size}")
+    return FileEntry(size, blob_id, lfs_sha, size if lfs_sha else None)
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and check a trees/<commit>.json; any flaw is a ManifestError naming it."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        raise ManifestError("manifest has no format_version 1")
+    files = doc.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ManifestError("manifest lists no files")
+    if len(files) > MAX_FILES:
+        raise ManifestError(f"manifest lists more than {MAX_FILES} files")
+    entries: dict[str, FileEntry] = {}
+    for path, info in files.items():
+        try:
+            safe_relpath(path)
+        except UnsafePathError as exc:
+            raise ManifestError(f"manifest path refused: {exc}") from None
+        entries[path] = _entry(path, info)
+    check_consistent(entries)
+    return Manifest(entries)
+
+
+def check_consistent(entries: Mapping[str, FileEntry]) -> None:
+    """Two paths that share a blob must agree on it; no path may be both a file and a folder."""
+    seen: dict[str, FileEntry] = {}
+    for entry in entries.values():
+        other = seen.setdefault(entry.blob_name, entry)
+        if other != entry:
+            raise ManifestError(f"manifest gives blob {entry.blob_name[:12]} two different sizes or ids")
+    folders = {str(parent) for path in entries for parent in safe_relpath(path).parents}
+    clash = folders & set(entries)
+    if clash:
+        raise ManifestError(f"manifest path is both a file and a folder: {sorted(clash)[0]!r}")
+
+
+def derive_legacy(snapshot_files: Mapping[str, str], blob_sizes: Mapping[str, int]) -> Manifest:
+    """The manifest a legacy bucket implies: `snapshot_files` maps each path to the blob it copies."""
+    entries = {}
+    for path, blob in snapshot_files.items():
+        safe_relpath(path)
+        if not BLOB_RE.match(blob):
+            raise ManifestError(f"legacy blob name is not a digest: {blob[:80]!r}")
+        entries[path] = FileEntry.for_blob(blob, blob_sizes[blob])
+    if not entries:
+        raise ManifestError("legacy snapshot lists no files")
+    check_consistent(entries)
+    return Manifest(entries)
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    part_size: int
+    parts: Mapping[str, tuple[str, ...]]  # blob name -> sha256 of each part
+
+    def digests_for(self, blob_name: str, size: int) -> tuple[str, ...] | None:
+        """The blob's part digests when they match its size, else None (then only the whole is checked)."""
+        digests = self.parts.get(blob_name)
+        if digests is None or len(digests) != part_count(size, self.part_size):
+            return None
+        return digests
+
+    def to_json(self, sizes: Mapping[str, int]) -> bytes:
+        blobs = {name: {"size": sizes[name], "parts": list(self.parts[name])} for name in sorted(self.parts)}
+        doc = {"format_version": FORMAT_VERSION, "algorithm": "sha256", "part_size": self.part_size,
+               "blobs": blobs}
+        return json.dumps(doc, indent=1).encode()
+
+
+def part_count(size: int, part_size: int) -> int:
+    return max(1, -(-size // part_size))
+
+
+def part_ranges(size: int, part_size: int) -> Iterable[tuple[int, int, int]]:
+    """(index, offset, length) of each part; an empty blob is one empty part."""
+    for index in range(part_count(size, part_size)):
+        offset = index * part_size
+        yield index, offset, min(part_size, size - offset)
+
+
+def parse_sidecar(data: bytes) -> Sidecar:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"part sidecar is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        raise ManifestError("part sidecar has no format_version 1")
+    part_size, blobs = doc.get("part_size"), doc.get("blobs")
+    if doc.get("algorithm") != "sha256" or type(part_size) is not int or part_size < 1 << 16:
+        raise ManifestError("part sidecar needs algorithm sha256 and part_size >= 64 KiB")
+    if not isinstance(blobs, dict):
+        raise ManifestError("part sidecar has no blobs object")
+    parts: dict[str, tuple[str, ...]] = {}
+    for name, info in blobs.items():
+        digests = info.get("parts") if isinstance(info, dict) else None
+        if not BLOB_RE.match(str(name)) or not isinstance(digests, list):
+            raise ManifestError(f"part sidecar entry {str(name)[:80]!r} is malformed")
+        if not all(isinstance(d, str) and HEX64.match(d) for d in digests):
+            raise ManifestError(f"part sidecar entry {name[:12]} has a malformed digest")
+        parts[name] = tuple(digests)
+    return Sidecar(part_size, parts)

@@ -1,0 +1,102 @@
+"""Human text on a terminal, JSON lines elsewhere (the pod's log). Never a secret, never a URL query.
+
+Every stage event goes through `Output.event(name, message, **fields)`: a person sees the message, a log
+collector sees one JSON object per line with the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any
+
+from agent.store import redact_url
+
+
+def _scrub(value: Any) -> Any:
+    """Drop query strings from anything that looks like a URL (presigned signatures are credentials)."""
+    if isinstance(value, str) and "://" in value and "?" in value:
+        return redact_url(value)
+    return value
+
+
+class Output:
+    def __init__(self, stream: IO[str] | None = None, *, json_mode: bool | None = None,
+                 quiet: bool = False) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.json_mode = (not self.stream.isatty()) if json_mode is None else json_mode
+        self.quiet = quiet
+
+    @property
+    def interactive(self) -> bool:
+        return not self.json_mode and not self.quiet
+
+    def event(self, name: str, message: str, **fields: Any) -> None:
+        if self.json_mode:
+            record = {"ts": round(time.time(), 3), "event": name, "message": message}
+            record.update({k: _scrub(v) for k, v in fields.items()})
+            self.stream.write(json.dumps(record, default=str) + "\n")
+        elif not self.quiet:
+            self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def error(self, line: str, exit_code: int) -> None:
+        if self.json_mode:
+            self.event("error", line, exit_code=exit_code)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class Progress:
+    """A byte counter drawn as a bar (bytes, rate, ETA) on a terminal, and sampled into JSON otherwise."""
+
+    def __init__(self, out: Output, total: int, label: str = "pull", interval: float = 0.2) -> None:
+        self.out = out
+        self.total = total
+        self.label = label
+        self.done = 0
+        self.started = time.monotonic()
+        self.interval = interval if out.interactive else 5.0
+        self._last_draw = 0.0
+
+    def __call__(self, delta: int) -> None:
+        self.done += delta
+        now = time.monotonic()
+        if now - self._last_draw >= self.interval:
+            self._last_draw = now
+            self._draw(now)
+
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (now or time.monotonic()) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def _draw(self, now: float) -> None:
+        rate = self.rate(now)
+        if self.out.interactive:
+            frac = self.done / self.total if self.total else 1.0
+            bar = "#" * int(frac * 30)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            self.out.stream.write(
+                f"\r{self.label} [{bar:<30}] {human_bytes(self.done)}/{human_bytes(self.total)} "
+                f"{human_bytes(int(rate))}/s ETA {eta:4.0f}s "
+            )
+            self.out.stream.flush()
+        elif self.out.json_mode:
+            self.out.event("progress", "progress", bytes=self.done, total=self.total,
+                           bytes_per_second=int(rate))
+
+    def close(self) -> None:
+        if self.out.interactive and self.total:
+            self._draw(time.monotonic())
+            self.out.stream.write("\n")
+            self.out.stream.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

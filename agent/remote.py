@@ -1,0 +1,189 @@
+"""A staged model in the bucket: its keys, refs, manifest and sidecar, in compact or legacy form.
+
+Compact (what `stage` writes): blobs/, refs/, trees/<commit>.json, parts/<commit>.json.
+Legacy (`s5cmd cp` of a whole cache): blobs/ plus full copies under snapshots/<commit>/, maybe no trees/.
+Either way `load` returns one `StagedSnapshot`: the manifest, and for each distinct blob the one key to
+download it from, so a blob shared by several paths is fetched once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from agent.cache import BLOB_RE, check_revision, is_commit, repo_folder_name, safe_relpath
+from agent.errors import ManifestError, NotFoundError
+from agent.manifest import Manifest, Sidecar, derive_legacy, parse_manifest, parse_sidecar
+from agent.settings import MODELS_PREFIX
+from agent.store import ObjectInfo, Store
+
+
+@dataclass(frozen=True)
+class StagedSnapshot:
+    repo_id: str
+    commit: str
+    manifest: Manifest
+    sources: dict[str, str]  # blob name -> object key to read its bytes from
+    sidecar: Sidecar | None = None
+    form: str = "compact"
+    refs: dict[str, str] = field(default_factory=dict)
+
+
+def repo_id_from_folder(folder: str) -> str | None:
+    parts = folder.rstrip("/").split("--")
+    if len(parts) < 2 or parts[0] != "models":
+        return None
+    return "/".join(parts[1:])
+
+
+class RemoteRepo:
+    def __init__(self, store: Store, repo_id: str) -> None:
+        self.store = store
+        self.repo_id = repo_id
+        self.prefix = f"{MODELS_PREFIX}{repo_folder_name(repo_id)}/"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def blob_key(self, name: str) -> str:
+        return self.key("blobs", name)
+
+    def tree_key(self, commit: str) -> str:
+        return self.key("trees", f"{commit}.json")
+
+    def parts_key(self, commit: str) -> str:
+        return self.key("parts", f"{commit}.json")
+
+    def ref_key(self, revision: str) -> str:
+        return self.key("refs", str(safe_relpath(check_revision(revision))))
+
+    def listing(self) -> list[ObjectInfo]:
+        return list(self.store.list_objects(self.prefix))
+
+    def refs(self, listing: list[ObjectInfo]) -> dict[str, str]:
+        """revision -> commit for every ref object; a ref that is not 40 hex is refused."""
+        found = {}
+        for obj in listing:
+            rel = obj.key[len(self.prefix):]
+            if rel.startswith("refs/"):
+                text = self.store.get_bytes(obj.key, limit=1024).decode("utf-8", "replace").strip()
+                if not is_commit(text):
+                    raise ManifestError(f"ref {rel[5:]!r} of {self.repo_id} does not hold a 40-hex commit")
+                found[rel[5:]] = text
+        return found
+
+    def resolve(self, revision: str, listing: list[ObjectInfo]) -> str:
+        if is_commit(revision):
+            return revision
+        commit = self.refs(listing).get(check_revision(revision))
+        if commit is None:
+            raise NotFoundError(f"{self.repo_id}@{revision} is not staged in bucket {self.store.bucket!r}")
+        return commit
+
+    def load(self, revision: str = "main", listing: list[ObjectInfo] | None = None) -> StagedSnapshot:
+        listing = self.listing() if listing is None else listing
+        if not listing:
+            raise NotFoundError(f"{self.repo_id} is not staged in bucket {self.store.bucket!r}")
+        commit = self.resolve(revision, listing)
+        by_key = {obj.key: obj for obj in listing}
+        snapshot = self._snapshot_objects(commit, listing)
+        blob_base = self.key("blobs", "")
+        blobs = {k[len(blob_base):]: o for k, o in by_key.items() if k.startswith(blob_base)}
+        if self.tree_key(commit) in by_key:
+            manifest = parse_manifest(self.store.get_bytes(self.tree_key(commit)))
+            form = "legacy" if snapshot else "compact"
+        elif snapshot:
+            manifest = derive_legacy(match_snapshot_to_blobs(snapshot, blobs),
+                                     {name: obj.size for name, obj in blobs.items()})
+            form = "legacy"
+        else:
+            raise NotFoundError(f"{self.repo_id}@{commit[:12]} has neither a manifest nor snapshot objects")
+        sidecar = None
+        if self.parts_key(commit) in by_key:
+            sidecar = parse_sidecar(self.store.get_bytes(self.parts_key(commit)))
+        sources = self._sources(manifest, blobs, snapshot)
+        return StagedSnapshot(self.repo_id, commit, manifest, sources, sidecar, form)
+
+    def _snapshot_objects(self, commit: str, listing: list[ObjectInfo]) -> dict[str, ObjectInfo]:
+        base = self.key("snapshots", commit, "")
+        found = {}
+        for obj in listing:
+            if obj.key.startswith(base):
+                rel = obj.key[len(base):]
+                safe_relpath(rel)
+                found[rel] = obj
+        return found
+
+    def _sources(self, manifest: Manifest, blobs: dict[str, ObjectInfo],
+                 snapshot: dict[str, ObjectInfo]) -> dict[str, str]:
+        """Prefer blobs/<name>; a legacy bucket without it still has a snapshot copy to read."""
+        sources = {}
+        for path, entry in manifest.files.items():
+            name = entry.blob_name
+            if name in sources:
+                continue
+            if name in blobs:
+                sources[name] = blobs[name].key
+            elif path in snapshot:
+                sources[name] = snapshot[path].key
+            else:
+                raise NotFoundError(f"{self.repo_id}: no object holds {path} (blob {name[:12]})")
+        return sources
+
+
+def match_snapshot_to_blobs(snapshot: dict[str, ObjectInfo], blobs: dict[str, ObjectInfo]) -> dict[str, str]:
+    """Which blob each legacy snapshot copy is. s5cmd uploads a blob and its copy the same way, so the
+    pair shares size and ETag; with several candidates the ETag decides, and no match is an error."""
+    by_shape: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for name, obj in blobs.items():
+        if BLOB_RE.match(name):
+            by_shape[(obj.size, obj.etag)].append(name)
+    mapping = {}
+    for path, obj in snapshot.items():
+        candidates = by_shape.get((obj.size, obj.etag), [])
+        if len(candidates) != 1:
+            raise ManifestError(
+                f"legacy snapshot file {path!r} matches {len(candidates)} blobs by size and ETag; "
+                "re-stage the model with `simswarm-agent stage`")
+        mapping[path] = candidates[0]
+    return mapping
+
+
+@dataclass(frozen=True)
+class StagedSummary:
+    repo_id: str
+    revision: str
+    commit: str
+    files: int
+    size: int
+    form: str
+
+
+def staged_models(store: Store) -> list[StagedSummary]:
+    """One row per (model, ref) staged under models/hf-cache/, compact or legacy."""
+    rows = []
+    for prefix in store.list_prefixes(MODELS_PREFIX):
+        repo_id = repo_id_from_folder(prefix[len(MODELS_PREFIX):])
+        if repo_id is None:
+            continue
+        remote = RemoteRepo(store, repo_id)
+        listing = remote.listing()
+        refs = remote.refs(listing) or {commit: commit for commit in _snapshot_commits(remote, listing)}
+        for revision, commit in sorted(refs.items()):
+            snap = remote.load(commit, listing)
+            manifest = snap.manifest
+            rows.append(StagedSummary(repo_id, revision, commit, len(manifest.files), manifest.total_size,
+                                      snap.form))
+    return rows
+
+
+def _snapshot_commits(remote: RemoteRepo, listing: list[ObjectInfo]) -> set[str]:
+    """Commits with a manifest or snapshot objects, for a model staged without refs."""
+    commits = set()
+    for obj in listing:
+        parts = obj.key[len(remote.prefix):].split("/")
+        if len(parts) >= 2 and parts[0] in {"snapshots", "trees"}:
+            name = parts[1].removesuffix(".json")
+            if is_commit(name):
+                commits.add(name)
+    return commits

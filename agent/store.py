@@ -1,0 +1,197 @@
+"""S3 access behind a narrow interface: list, head, get/put small objects, upload files, presign.
+
+boto3 does the signing (SigV4, path-style, as MinIO expects). Every botocore failure is turned into an
+`AgentError` here, so callers never see a traceback and no message ever carries a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    CredentialsError,
+    NotFoundError,
+    StorageUnavailableError,
+)
+from agent.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+log = logging.getLogger(__name__)
+
+# Multipart above 64 MiB, in 64 MiB parts: few requests for multi-GiB shards, bounded memory.
+UPLOAD_CONFIG = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str = ""
+
+
+def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
+    endpoint = settings.require_storage()
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": retries, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=max_pool,
+    )
+    client: S3Client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        region_name=settings.region,
+        config=config,
+    )
+    return client
+
+
+def translate(exc: Exception, what: str) -> AgentError:
+    """Map a botocore failure to the agent's error with the right exit code; no secret in the text."""
+    if isinstance(exc, AgentError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in MISSING_CODES or (status == "404" and code != "NoSuchBucket"):
+            return NotFoundError(f"{what}: not found")
+        if code == "NoSuchBucket":
+            return ConfigError(f"{what}: the bucket does not exist", hint="check MINIO_BUCKET")
+        if code in CREDENTIAL_CODES or status == "403":
+            return CredentialsError(f"{what}: access denied by the server ({code or status})")
+        return StorageUnavailableError(f"{what}: server answered {code or status}")
+    if isinstance(exc, EndpointConnectionError):
+        return StorageUnavailableError(f"{what}: cannot connect to the object storage endpoint")
+    if isinstance(exc, BotoCoreError):
+        return StorageUnavailableError(f"{what}: {type(exc).__name__}")
+    return StorageUnavailableError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class Store:
+    """One bucket on one endpoint. Keys are full object keys (`models/hf-cache/...`)."""
+
+    def __init__(self, settings: Settings, client: S3Client | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.client = client if client is not None else build_client(settings)
+
+    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, what) from None
+
+    def check_bucket(self) -> None:
+        self._call(f"bucket {self.bucket!r}", self.client.head_bucket, Bucket=self.bucket)
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under `prefix`, following pagination."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"listing {prefix!r}") from None
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """The immediate 'folders' under `prefix` (S3 common prefixes)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        found: list[str] = []
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                found.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"listing {prefix!r}") from None
+        return found
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and metadata, or None when it does not exist."""
+        try:
+            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            err = translate(exc, key)
+            if isinstance(err, NotFoundError):
+                return None
+            raise err from None
+        except BotoCoreError as exc:
+            raise translate(exc, key) from None
+        return ObjectInfo(key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
+
+    def head_metadata(self, key: str) -> dict[str, str] | None:
+        try:
+            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            err = translate(exc, key)
+            if isinstance(err, NotFoundError):
+                return None
+            raise err from None
+        except BotoCoreError as exc:
+            raise translate(exc, key) from None
+        metadata: dict[str, str] = meta.get("Metadata", {})
+        metadata["content-length"] = str(meta["ContentLength"])
+        return metadata
+
+    def get_bytes(self, key: str, *, limit: int = 64 << 20) -> bytes:
+        """A small object's bytes (manifests, refs); refuses anything over `limit`."""
+        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=key)
+        if int(response["ContentLength"]) > limit:
+            raise ConfigError(f"{key}: {response['ContentLength']} bytes is too large for a metadata object")
+        try:
+            data: bytes = response["Body"].read()
+        except (BotoCoreError, OSError) as exc:
+            raise translate(exc, key) from None
+        return data
+
+    def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
+                  content_type: str = "application/octet-stream") -> None:
+        self._call(key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data,
+                   Metadata=metadata or {}, ContentType=content_type)
+
+    def upload_file(self, path: Path, key: str, *, metadata: dict[str, str] | None = None,
+                    callback: Callable[[int], None] | None = None) -> None:
+        """Upload a file, multipart when large (s3transfer)."""
+        try:
+            self.client.upload_file(str(path), self.bucket, key, Config=UPLOAD_CONFIG,
+                                    ExtraArgs={"Metadata": metadata or {}}, Callback=callback)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, key) from None
+        except Exception as exc:  # s3transfer wraps failures in its own types
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (ClientError, BotoCoreError)):
+                raise translate(cause, key) from None
+            raise translate(exc, key) from None
+
+    def presign(self, key: str, *, method: str = "get_object", expires: int = 3600) -> str:
+        """A presigned URL. Its query string is a credential: never log it."""
+        params = {"Bucket": self.bucket, "Key": key}
+        try:
+            url: str = self.client.generate_presigned_url(method, Params=params, ExpiresIn=expires)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, key) from None
+        return url
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string, safe for logs."""
+    return url.split("?", 1)[0]
