@@ -59,7 +59,7 @@ class Progress:
         self.done = 0
         self.started = time.monotonic()
         self.interval = interval if out.interactive else 5.0
-        self._last_draw = 0.0
+        self._last_draw = self.started  # first draw after one interval, when the rate means something
 
     def __call__(self, delta: int) -> None:
         self.done += delta

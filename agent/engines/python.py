@@ -160,7 +160,10 @@ class PythonEngine:
         if not tasks:
             return
         workers = max(1, min(self.processes or limits.concurrency, len(tasks)))
-        context = multiprocessing.get_context("spawn")
+        # forkserver: workers start from a clean single-threaded server (fork from a threaded parent is
+        # unsafe) without paying spawn's full interpreter start per worker.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["agent.engines.python"])
         executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
         try:
             self._run(executor, tasks, limits, progress, on_part_done)

@@ -1,0 +1,53 @@
+"""Settings: every variable of DESIGN.md §6, read once, with huggingface_hub's cache precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.settings import Settings, normalize_endpoint
+
+
+def test_minio_sdk_style_endpoint_takes_scheme_from_secure() -> None:
+    assert normalize_endpoint("minio:9000", secure=False) == "http://minio:9000"
+    assert normalize_endpoint("minio:9000", secure=True) == "https://minio:9000"
+
+
+def test_full_url_endpoint_is_kept_without_trailing_slash() -> None:
+    assert normalize_endpoint("https://s3.example.com:9443/", secure=False) == "https://s3.example.com:9443"
+
+
+@pytest.mark.parametrize("bad", ["ftp://x:1", "http://", "http://u:p@host:9000", "host:notaport", "http://h/?q=1"])
+def test_malformed_endpoint_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        normalize_endpoint(bad, secure=False)
+
+
+def test_defaults_when_nothing_is_set(tmp_path: Path) -> None:
+    s = Settings.from_env({"HOME": str(tmp_path)})
+    assert s.endpoint_url is None and not s.storage_enabled
+    assert s.bucket == "simswarm" and s.secure is False
+
+
+def test_hub_cache_precedence_follows_huggingface_hub() -> None:
+    assert Settings.from_env({"HF_HOME": "/h"}).hub_cache == Path("/h/hub")
+    assert Settings.from_env({"HF_HOME": "/h", "HF_HUB_CACHE": "/c"}).hub_cache == Path("/c")
+    assert Settings.from_env({"XDG_CACHE_HOME": "/x"}).hub_cache == Path("/x/huggingface/hub")
+    assert Settings.from_env({"HUGGINGFACE_HUB_CACHE": "/old"}).hub_cache == Path("/old")
+
+
+def test_hf_home_flag_wins_over_environment() -> None:
+    s = Settings.from_env({"HF_HUB_CACHE": "/c"}).with_hf_home("/flag")
+    assert s.hub_cache == Path("/flag/hub") and s.hf_home == Path("/flag")
+
+
+def test_secrets_never_in_repr() -> None:
+    s = Settings.from_env({"MINIO_ENDPOINT": "h:1", "MINIO_SECRET_KEY": "s3cr3t-value", "HF_TOKEN": "hf_tok"})
+    assert "s3cr3t-value" not in repr(s) and "hf_tok" not in repr(s)
+
+
+def test_require_storage_explains_itself() -> None:
+    with pytest.raises(ConfigError, match="MINIO_ENDPOINT"):
+        Settings.from_env({}).require_storage()
