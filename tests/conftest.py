@@ -1,0 +1,96 @@
+"""Shared fixtures: a real S3 server (SeaweedFS), a fake Hugging Face Hub, a tiny real model, and a
+Hugging Face cache written by huggingface_hub itself.
+
+Expensive things are session-scoped and lazy: the S3 server starts only when a test asks for it
+(about 4-10 s), once per session; each test then gets its own bucket and its own HF_HOME, so tests
+never see each other's objects or files.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# `tests.support` must import however pytest was started (`pytest` or `python -m pytest`).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.settings import DEFAULT_BUCKET, Settings  # noqa: E402
+from agent.testbed.model import generate_model  # noqa: E402
+from agent.testbed.seaweed import SeaweedServer  # noqa: E402
+from tests.support.fake_hub import FakeHub, read_tree  # noqa: E402
+from tests.support.hf_cache import build_hf_cache  # noqa: E402
+
+TINY_REPO_ID = "simswarm-test/tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One SeaweedFS for the whole session, with the default bucket `simswarm` created."""
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        server.create_bucket(DEFAULT_BUCKET)
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_server: SeaweedServer) -> str:
+    """A fresh, empty bucket of this test's own on the session's server."""
+    return s3_server.create_bucket(f"t-{secrets.token_hex(6)}")
+
+
+@pytest.fixture
+def settings_env(s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> dict[str, str]:
+    """The agent's environment for this test: MINIO_* for `bucket`, HF_HOME inside tmp_path."""
+    return {**s3_server.env(bucket=bucket), "HF_HOME": str(tmp_path / "hf-home")}
+
+
+@pytest.fixture
+def settings(settings_env: dict[str, str]) -> Settings:
+    return Settings.from_env(settings_env)
+
+
+@pytest.fixture(scope="session")
+def fake_hub() -> Iterator[FakeHub]:
+    with FakeHub() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of a generated tiny Llama (2 shards of ~256 KiB). Read-only by convention."""
+    dest = tmp_path_factory.mktemp("tiny-model")
+    generate_model(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def model_repo(fake_hub: FakeHub, tiny_model: Path) -> tuple[str, str]:
+    """The tiny model published on the fake Hub: (repo_id, commit)."""
+    return TINY_REPO_ID, fake_hub.add_repo(TINY_REPO_ID, read_tree(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def hf_cache_ro(fake_hub: FakeHub, model_repo: tuple[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub cache dir ($HF_HOME/hub) holding the tiny model, written by the real snapshot_download.
+    Shared by the session: never modify it; use `hf_cache` for a private copy."""
+    cache_dir = tmp_path_factory.mktemp("hf-home-ro") / "hub"
+    build_hf_cache(fake_hub, model_repo[0], cache_dir)
+    return cache_dir
+
+
+@pytest.fixture
+def hf_cache(hf_cache_ro: Path, tmp_path: Path) -> Path:
+    """A private copy of `hf_cache_ro`, symlinks kept, at tmp_path/seed-hf-home/hub: mutate freely.
+
+    Deliberately not the HF_HOME of `settings_env`, so stage-then-pull tests start from an empty cache;
+    `settings.with_hf_home(hf_cache.parent)` points the agent at this one instead."""
+    cache_dir = tmp_path / "seed-hf-home" / "hub"
+    shutil.copytree(hf_cache_ro, cache_dir, symlinks=True)
+    return cache_dir
