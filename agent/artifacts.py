@@ -45,13 +45,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import ConfigError, NotFoundError, UsageError, VerificationError
 from agent.settings import SIM_DATA_PREFIX, Settings
-from agent.store import Store, redact_url
+from agent.store import Store, redact_signing_logs, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -186,38 +185,6 @@ def rewrite_to_proxy(url: str, proxy_base: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ log hygiene
-
-# Third-party DEBUG records that carry a SigV4 signature: botocore logs every signature it computes (with the
-# canonical request, enough to rebuild a presigned URL) and the Authorization header it sends; urllib3 logs
-# each request line, query string included. Our own records only ever hold `redact_url(url)`.
-SIGNING_LOGGERS: Final = ("botocore.auth", "botocore.endpoint", "urllib3.connectionpool")
-_SIGNATURE = re.compile(r"(Signature(?:=|:\s*))[0-9a-fA-F]{16,}")
-
-
-class RedactSignatures(logging.Filter):
-    """Rewrites a record's message with every signature value replaced by `<redacted>`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed third-party record: leave it to logging's own error path
-            return True
-        redacted = _SIGNATURE.sub(r"\1<redacted>", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_REDACTOR = RedactSignatures()
-
-
-def redact_signing_logs() -> None:
-    """Attach the redaction filter to the loggers that would print signatures (idempotent)."""
-    for name in SIGNING_LOGGERS:
-        logger = logging.getLogger(name)
-        if _REDACTOR not in logger.filters:
-            logger.addFilter(_REDACTOR)
-
 
 # ---------------------------------------------------------------------------------------------- the module
 

@@ -7,10 +7,11 @@ boto3 does the signing (SigV4, path-style, as MinIO expects). Every botocore fai
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -44,8 +45,41 @@ class ObjectInfo:
     etag: str = ""
 
 
+# Third-party DEBUG records that carry a SigV4 signature: botocore logs every signature it computes (with the
+# canonical request, enough to rebuild a presigned URL) and the Authorization header it sends; urllib3 logs
+# each request line, query string included. Our own records only ever hold `redact_url(url)`.
+SIGNING_LOGGERS: Final = ("botocore.auth", "botocore.endpoint", "urllib3.connectionpool")
+_SIGNATURE = re.compile(r"(Signature(?:=|:\s*))[0-9a-fA-F]{16,}")
+
+
+class RedactSignatures(logging.Filter):
+    """Rewrites a record's message with every signature value replaced by `<redacted>`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed third-party record: leave it to logging's own error path
+            return True
+        redacted = _SIGNATURE.sub(r"\1<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTOR = RedactSignatures()
+
+
+def redact_signing_logs() -> None:
+    """Attach the redaction filter to the loggers that would print signatures (idempotent)."""
+    for name in SIGNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACTOR not in logger.filters:
+            logger.addFilter(_REDACTOR)
+
+
 def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
     endpoint = settings.require_storage()
+    redact_signing_logs()
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
