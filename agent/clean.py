@@ -44,9 +44,10 @@ def _unlink(path: Path, report: CleanReport, cache: RepoCache) -> None:
 
 
 def unplant_links(cache: RepoCache, report: CleanReport) -> None:
-    """A cache folder that is itself a link could lead writes outside the cache: remove the link."""
+    """A cache folder that is itself a link could lead writes outside the cache: remove the link. A file
+    where a folder belongs would make every later write fail: remove it too."""
     for folder in (cache.repo_dir, cache.blobs, cache.snapshots, cache.refs, cache.trees, cache.state):
-        if folder.is_symlink():
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             _unlink(folder, report, cache)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from agent.cache import BLOB_RE, check_revision, is_commit, repo_folder_name, safe_relpath
-from agent.errors import ManifestError, NotFoundError
+from agent.cache import BLOB_RE, check_repo_id, check_revision, is_commit, repo_folder_name, safe_relpath
+from agent.errors import ManifestError, NotFoundError, UnsafePathError, UsageError, VerificationError
 from agent.manifest import Manifest, Sidecar, derive_legacy, parse_manifest, parse_sidecar
 from agent.settings import MODELS_PREFIX
 from agent.store import ObjectInfo, Store
@@ -30,10 +30,14 @@ class StagedSnapshot:
 
 
 def repo_id_from_folder(folder: str) -> str | None:
+    """`models--org--name` -> `org/name`; None for anything that is not a model folder we could pull."""
     parts = folder.rstrip("/").split("--")
     if len(parts) < 2 or parts[0] != "models":
         return None
-    return "/".join(parts[1:])
+    try:
+        return check_repo_id("/".join(parts[1:]))
+    except UsageError:
+        return None
 
 
 class RemoteRepo:
@@ -116,18 +120,28 @@ class RemoteRepo:
 
     def _sources(self, manifest: Manifest, blobs: dict[str, ObjectInfo],
                  snapshot: dict[str, ObjectInfo]) -> dict[str, str]:
-        """Prefer blobs/<name>; a legacy bucket without it still has a snapshot copy to read."""
-        sources = {}
+        """Prefer blobs/<name>; a legacy bucket without it still has a snapshot copy to read. An object
+        whose size differs from the manifest's can never verify: refused here, before any transfer
+        (ranged GETs past its end would otherwise look like a flaky server)."""
+        candidates: dict[str, list[ObjectInfo]] = defaultdict(list)
         for path, entry in manifest.files.items():
             name = entry.blob_name
-            if name in sources:
-                continue
-            if name in blobs:
-                sources[name] = blobs[name].key
-            elif path in snapshot:
-                sources[name] = snapshot[path].key
-            else:
-                raise NotFoundError(f"{self.repo_id}: no object holds {path} (blob {name[:12]})")
+            if name in blobs and blobs[name] not in candidates[name]:
+                candidates[name].insert(0, blobs[name])
+            if path in snapshot:
+                candidates[name].append(snapshot[path])
+        sources = {}
+        for name, entry in manifest.blobs().items():
+            found = candidates.get(name, [])
+            if not found:
+                raise NotFoundError(f"{self.repo_id}: no object holds blob {name[:12]}")
+            fitting = [obj for obj in found if obj.size == entry.size]
+            if not fitting:
+                raise VerificationError(
+                    f"{found[0].key[len(self.prefix):]} is {found[0].size} bytes but the manifest says "
+                    f"{entry.size}",
+                    hint="the staged model is damaged; re-stage it with `simswarm-agent stage`")
+            sources[name] = fitting[0].key
         return sources
 
 
@@ -160,20 +174,29 @@ class StagedSummary:
 
 
 def staged_models(store: Store) -> list[StagedSummary]:
-    """One row per (model, ref) staged under models/hf-cache/, compact or legacy."""
+    """One row per (model, ref) staged under models/hf-cache/, compact or legacy. A damaged model gets
+    one row saying so instead of hiding every other model behind its error."""
     rows = []
     for prefix in store.list_prefixes(MODELS_PREFIX):
         repo_id = repo_id_from_folder(prefix[len(MODELS_PREFIX):])
         if repo_id is None:
             continue
         remote = RemoteRepo(store, repo_id)
-        listing = remote.listing()
-        refs = remote.refs(listing) or {commit: commit for commit in _snapshot_commits(remote, listing)}
-        for revision, commit in sorted(refs.items()):
-            snap = remote.load(commit, listing)
-            manifest = snap.manifest
-            rows.append(StagedSummary(repo_id, revision, commit, len(manifest.files), manifest.total_size,
-                                      snap.form))
+        try:
+            rows.extend(_model_rows(remote))
+        except (ManifestError, VerificationError, NotFoundError, UnsafePathError) as exc:
+            rows.append(StagedSummary(repo_id, "-", "-", 0, 0, f"damaged: {exc}"))
+    return rows
+
+
+def _model_rows(remote: RemoteRepo) -> list[StagedSummary]:
+    listing = remote.listing()
+    refs = remote.refs(listing) or {commit: commit for commit in _snapshot_commits(remote, listing)}
+    rows = []
+    for revision, commit in sorted(refs.items()):
+        snap = remote.load(commit, listing)
+        rows.append(StagedSummary(remote.repo_id, revision, commit, len(snap.manifest.files),
+                                  snap.manifest.total_size, snap.form))
     return rows
 
 

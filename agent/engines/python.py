@@ -34,6 +34,7 @@ from agent.store import redact_url
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+QUERY = re.compile(r"\?[^\s'\")]*")  # a query string inside any text: a presigned URL's signature
 _POOL: urllib3.PoolManager | None = None
 
 
@@ -71,7 +72,10 @@ def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask) -> int:
     if status in (200, 206):
         match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
         if match:
-            return int(match.group(1))
+            start = int(match.group(1))
+            if start > task.part.offset:  # bytes before it would be missing: never write them shifted
+                raise _Retryable(f"server sent bytes from {start}, asked from {task.part.offset}")
+            return start
         if status == 206:
             raise _Retryable("206 without Content-Range")
         return 0  # the server ignored Range and sends the whole object
@@ -95,7 +99,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
         pos = _body_start(response, task)
         digest = hashlib.sha256() if part.sha256 else None
         written = 0
-        for chunk in response.stream(CHUNK):
+        for chunk in response.stream(CHUNK, decode_content=False):  # the stored bytes, byte for byte
             if pos < part.offset:  # a 200 for the whole object: skip to our range
                 skip = min(len(chunk), part.offset - pos)
                 chunk, pos = chunk[skip:], pos + skip
@@ -143,7 +147,9 @@ def _final_error(task: PartTask, exc: Exception) -> AgentError:
     where = f"{os.path.basename(task.path)} bytes {task.part.offset}+{task.part.length}"
     if isinstance(exc, _Retryable) and "digest" in str(exc):
         return VerificationError(f"{where}: part digest mismatch after retries")
-    reason = redact_url(str(exc)) if "://" in str(exc) else str(exc)
+    # urllib3 names the request path with its query (MaxRetryError: "... with url: /b/k?X-Amz-..."), with
+    # or without a scheme: strip every query string, not only those of full URLs.
+    reason = QUERY.sub("?<redacted>", redact_url(str(exc)) if "://" in str(exc) else str(exc))
     return StorageUnavailableError(f"{where}: gave up after retries ({type(exc).__name__}: {reason[:200]})")
 
 
