@@ -7,6 +7,7 @@ Each verb lives in `agent/commands/<verb>.py` with `add_parser(subparsers)`; the
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import traceback
@@ -15,7 +16,7 @@ from types import FrameType
 
 from agent import __version__
 from agent.commands import COMMANDS
-from agent.errors import EXIT_SIGINT, EXIT_USAGE, AgentError, Interrupted
+from agent.errors import EXIT_DISK, EXIT_SIGINT, EXIT_USAGE, AgentError, Interrupted
 from agent.output import Output
 from agent.settings import Settings
 
@@ -64,6 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SIGINT
     except BrokenPipeError:
         return EXIT_USAGE
+    except OSError as exc:  # the local filesystem said no: a person can act on its one-line reason
+        if args.debug:
+            traceback.print_exc()
+        code = EXIT_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
+        where = f": {exc.filename}" if exc.filename else ""
+        out.error(f"error: {exc.strerror or exc}{where} (check the path, its permissions and space)", code)
+        return code
 
 
 if __name__ == "__main__":
