@@ -1,0 +1,148 @@
+//! `fetch`, the one function Python calls: run the transfer with the GIL released, waking every
+//! `progress_interval` to let Python signal handlers run and to report progress.
+
+// pyo3 0.22's `#[pyfunction]` expansion trips `useless_conversion` on the PyResult return type.
+#![allow(clippy::useless_conversion)]
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tokio::runtime::Runtime;
+use tokio::time::timeout;
+
+use crate::client;
+use crate::error::FetchError;
+use crate::spec::{Job, JobArg, Options};
+use crate::transfer::{self, Shared, Totals};
+
+/// Fetch byte ranges of objects into existing files and return `{"bytes", "retries", "parts"}`.
+///
+/// `jobs` is a list of dicts `{"url", "headers", "path", "size", "parts"}`, `parts` a list of
+/// `(index, offset, length, sha256_hex | None)`. `progress(bytes_delta, done_parts)` is called every
+/// `progress_interval` seconds with `done_parts` the `(job_index, part.index)` pairs finished since the
+/// previous call. If a signal handler or `progress` raises, in-flight requests are dropped and that
+/// exception propagates.
+///
+/// `concurrency` bounds the ranged GETs in flight across all jobs. `read_timeout` is the longest wait
+/// for the next body bytes (and, after `connect_timeout`, for the response head). A part is retried on
+/// a broken or stalled connection, a short body, a digest mismatch, 408/429/5xx (`Retry-After` honoured
+/// up to `backoff_max`), otherwise after a full-jitter backoff; other statuses fail at once.
+#[pyfunction]
+#[pyo3(signature = (
+    jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0, max_retries = 5,
+    backoff_base = 0.2, backoff_max = 10.0, progress = None, progress_interval = 0.1,
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn fetch(
+    py: Python<'_>,
+    jobs: Vec<JobArg>,
+    concurrency: usize,
+    connect_timeout: f64,
+    read_timeout: f64,
+    max_retries: u32,
+    backoff_base: f64,
+    backoff_max: f64,
+    progress: Option<PyObject>,
+    progress_interval: f64,
+) -> PyResult<Py<PyDict>> {
+    let options = Options::new(
+        concurrency,
+        connect_timeout,
+        read_timeout,
+        max_retries,
+        backoff_base,
+        backoff_max,
+        progress_interval,
+    )?;
+    let jobs = jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, job)| job.into_job(py, i))
+        .collect::<PyResult<Vec<Job>>>()?;
+    let runtime = build_runtime(options.concurrency)?;
+    let shared = Arc::new(Shared::new(client::build(&options), options.clone()));
+    let mut transfer = runtime.spawn(transfer::run(shared.clone(), Arc::new(jobs)));
+    let mut reporter = Reporter::new(progress);
+
+    let joined = loop {
+        let interval = options.progress_interval;
+        let finished = py.allow_threads(|| {
+            runtime.block_on(async { timeout(interval, &mut transfer).await.ok() })
+        });
+        if let Some(joined) = finished {
+            break joined;
+        }
+        if let Err(signal) = py.check_signals() {
+            transfer.abort();
+            shut_down(py, runtime);
+            // Parts finished before the signal are whole and verified: hand them over for resume.
+            // The signal's exception is what the caller must see, so a failing report is dropped.
+            let _ = reporter.tick(py, &shared);
+            return Err(signal);
+        }
+        if let Err(raised) = reporter.tick(py, &shared) {
+            transfer.abort();
+            shut_down(py, runtime);
+            return Err(raised);
+        }
+    };
+    shut_down(py, runtime);
+    let reported = reporter.tick(py, &shared);
+    match joined {
+        Ok(Ok(())) => reported.and_then(|()| stats(py, shared.totals())),
+        Ok(Err(failure)) => Err(failure.into_pyerr(py)),
+        Err(join) => Err(FetchError::new_err(format!("transfer task failed: {join}"))),
+    }
+}
+
+/// Hands byte deltas and finished parts to the Python callback.
+struct Reporter {
+    callback: Option<PyObject>,
+    reported_bytes: u64,
+}
+
+impl Reporter {
+    fn new(callback: Option<PyObject>) -> Self {
+        Reporter {
+            callback,
+            reported_bytes: 0,
+        }
+    }
+
+    /// Called on every tick, even with nothing new, so a callback can cancel a stalled transfer.
+    fn tick(&mut self, py: Python<'_>, shared: &Shared) -> PyResult<()> {
+        let tick = shared.take_tick();
+        let delta = tick.bytes - self.reported_bytes;
+        self.reported_bytes = tick.bytes;
+        match &self.callback {
+            Some(callback) => callback.call1(py, (delta, tick.done)).map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+fn build_runtime(concurrency: usize) -> PyResult<Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.min(concurrency))
+        .thread_name("simswarm-fetch")
+        .enable_all()
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start the transfer runtime: {e}")))
+}
+
+/// Drops every task (closing their connections); a DNS lookup stuck in the blocking pool is not
+/// waited for beyond a moment.
+fn shut_down(py: Python<'_>, runtime: Runtime) {
+    py.allow_threads(move || runtime.shutdown_timeout(Duration::from_millis(200)));
+}
+
+fn stats(py: Python<'_>, totals: Totals) -> PyResult<Py<PyDict>> {
+    let dict = PyDict::new_bound(py);
+    dict.set_item("bytes", totals.bytes)?;
+    dict.set_item("retries", totals.retries)?;
+    dict.set_item("parts", totals.parts)?;
+    Ok(dict.unbind())
+}

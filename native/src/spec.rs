@@ -1,0 +1,213 @@
+//! What Python hands to `fetch`, checked once up front and turned into plain Rust values.
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Uri};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::error::{redact_url, Cause, Failure};
+
+/// One blob as Python passes it: a dict with these keys.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub struct JobArg {
+    url: String,
+    headers: Option<HashMap<String, String>>,
+    path: PathBuf,
+    size: u64,
+    parts: Vec<(usize, u64, u64, Option<String>)>,
+}
+
+/// One blob, ready to fetch, its file open for writing (never created or truncated here: Python
+/// preallocated it).
+pub struct Job {
+    pub uri: Uri,
+    pub shown_url: String,
+    pub headers: HeaderMap,
+    pub path: PathBuf,
+    pub size: u64,
+    pub parts: Vec<PartSpec>,
+    pub file: File,
+}
+
+/// One byte range of a blob: `index` is the caller's own part number, echoed back in progress.
+pub struct PartSpec {
+    pub index: usize,
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// The transfer limits, validated.
+#[derive(Clone)]
+pub struct Options {
+    pub concurrency: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub progress_interval: Duration,
+}
+
+impl Options {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        concurrency: usize,
+        connect_timeout: f64,
+        read_timeout: f64,
+        max_retries: u32,
+        backoff_base: f64,
+        backoff_max: f64,
+        progress_interval: f64,
+    ) -> PyResult<Self> {
+        if concurrency == 0 {
+            return Err(PyValueError::new_err("concurrency must be at least 1"));
+        }
+        Ok(Options {
+            concurrency,
+            connect_timeout: seconds("connect_timeout", connect_timeout, false)?,
+            read_timeout: seconds("read_timeout", read_timeout, false)?,
+            max_retries,
+            backoff_base: seconds("backoff_base", backoff_base, true)?,
+            backoff_max: seconds("backoff_max", backoff_max, true)?,
+            progress_interval: seconds("progress_interval", progress_interval, false)?,
+        })
+    }
+}
+
+fn seconds(name: &str, value: f64, zero_ok: bool) -> PyResult<Duration> {
+    let valid = value.is_finite() && (value > 0.0 || zero_ok && value == 0.0);
+    match Duration::try_from_secs_f64(value) {
+        Ok(d) if valid => Ok(d),
+        _ => Err(PyValueError::new_err(format!(
+            "{name} must be a positive number of seconds, got {value}"
+        ))),
+    }
+}
+
+impl JobArg {
+    /// The checked job with its file open, or a ValueError naming the file (never the URL's query),
+    /// or a FileWriteError.
+    pub fn into_job(self, py: Python<'_>, job_index: usize) -> PyResult<Job> {
+        let shown_url = redact_url(&self.url);
+        let bad = |what: String| PyValueError::new_err(format!("{}: {what}", self.path.display()));
+        let uri: Uri = self
+            .url
+            .parse()
+            .map_err(|_| bad(format!("not a valid URL: {shown_url}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(bad(format!("not an http(s) URL: {shown_url}")));
+        }
+        let headers = header_map(self.headers.unwrap_or_default()).map_err(bad)?;
+        let parts = self
+            .parts
+            .into_iter()
+            .map(|(index, offset, length, sha)| part_spec(index, offset, length, sha, self.size))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(bad)?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| {
+                let failure = Failure {
+                    cause: Cause::File(e),
+                    path: self.path.clone(),
+                    offset: 0,
+                    length: self.size,
+                    job_index,
+                    part_index: parts.first().map_or(0, |p| p.index),
+                    url: shown_url.clone(),
+                    attempts: 1,
+                };
+                failure.into_pyerr(py)
+            })?;
+        Ok(Job {
+            uri,
+            shown_url,
+            headers,
+            path: self.path,
+            size: self.size,
+            parts,
+            file,
+        })
+    }
+}
+
+fn header_map(headers: HashMap<String, String>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let key = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("invalid value for header {name}"))?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+fn part_spec(
+    index: usize,
+    offset: u64,
+    length: u64,
+    sha256: Option<String>,
+    size: u64,
+) -> Result<PartSpec, String> {
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(format!(
+            "part {index} (bytes {offset}+{length}) lies outside the blob of {size} bytes"
+        ));
+    }
+    let sha256 = sha256
+        .map(|hex| parse_sha256(&hex).ok_or(format!("part {index}: bad sha256 {hex:?}")))
+        .transpose()?;
+    Ok(PartSpec {
+        index,
+        offset,
+        length,
+        sha256,
+    })
+}
+
+/// 64 hex digits to 32 bytes, or None.
+pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_hex_round_trips() {
+        let hex = "00ff".repeat(16);
+        let bytes = parse_sha256(&hex).unwrap();
+        assert_eq!(to_hex(&bytes), hex);
+        assert!(parse_sha256("zz").is_none());
+        assert!(parse_sha256(&"g".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn part_outside_the_blob_is_refused() {
+        assert!(part_spec(0, 10, 5, None, 12).is_err());
+        assert!(part_spec(0, u64::MAX, 5, None, 12).is_err());
+        assert!(part_spec(0, 7, 5, None, 12).is_ok());
+    }
+}

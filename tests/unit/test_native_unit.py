@@ -1,0 +1,217 @@
+"""`agent._native.fetch` and the native engine without an S3 server: argument checks, local errors,
+connection failures, the error mapping, and the typed stub against the build."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent
+from agent.engines import pick_engine
+from agent.engines.base import BlobJob, Limits, Part
+from agent.errors import AgentError, DiskFullError, StorageUnavailableError, VerificationError
+
+native = pytest.importorskip("agent._native")
+from agent.engines.native import NativeEngine, translate  # noqa: E402
+
+SECRET_URL = "http://127.0.0.1:{port}/bucket/key?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def spec(path: Path, url: str, size: int, parts: list[tuple[int, int, int, str | None]]) -> dict[str, Any]:
+    return {"url": url, "headers": None, "path": str(path), "size": size, "parts": parts}
+
+
+def test_stub_matches_the_compiled_module() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "agent._native"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("parts", "needle"), [
+    ([(0, 8, 4, None)], "outside the blob"),
+    ([(0, 0, 4, "abc")], "bad sha256"),
+])
+def test_bad_parts_are_refused_before_any_request(tmp_path: Path, closed_port: int,
+                                                  parts: list[tuple[int, int, int, str | None]],
+                                                  needle: str) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match=needle):
+        native.fetch([spec(path, SECRET_URL.format(port=closed_port), 10, parts)])
+
+
+def test_a_bad_url_is_refused_without_showing_its_query(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\0")
+    with pytest.raises(ValueError) as caught:
+        native.fetch([spec(path, "ftp://host/key?X-Amz-Signature=deadbeef", 1, [(0, 0, 1, None)])])
+    assert "ftp://host/key" in str(caught.value) and "deadbeef" not in str(caught.value)
+
+
+@pytest.mark.parametrize("options", [{"concurrency": 0}, {"read_timeout": 0.0}, {"backoff_max": -1.0},
+                                     {"progress_interval": float("nan")}])
+def test_bad_limits_are_refused(tmp_path: Path, options: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, OverflowError)):
+        native.fetch([], **options)
+
+
+def test_zero_length_part_needs_no_request_and_is_reported_done(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    done: list[tuple[int, int]] = []
+    stats = native.fetch([spec(path, SECRET_URL.format(port=closed_port), 0, [(7, 0, 0, EMPTY_SHA256)])],
+                         progress=lambda delta, finished: done.extend(finished))
+    assert stats == {"bytes": 0, "retries": 0, "parts": 1}
+    assert done == [(0, 7)]
+
+
+def test_missing_file_raises_file_write_error_with_errno(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "never-preallocated"
+    with pytest.raises(native.FileWriteError) as caught:
+        native.fetch([spec(path, SECRET_URL.format(port=closed_port), 4, [(0, 0, 4, None)])])
+    assert caught.value.errno == errno.ENOENT
+    assert not path.exists()  # never created: preallocation is the caller's job
+    assert "deadbeef" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_refused_connection_is_retried_then_raises_transfer_error(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * 100)
+    with pytest.raises(native.TransferError) as caught:
+        native.fetch([spec(path, SECRET_URL.format(port=closed_port), 100, [(3, 50, 50, None)])],
+                     max_retries=2, backoff_base=0.001, backoff_max=0.01, connect_timeout=1.0)
+    error = caught.value
+    assert (error.attempts, error.part_index, error.offset, error.length) == (3, 3, 50, 50)
+    message = str(error)
+    assert "bytes 50-99" in message and str(path) in message
+    assert "?" not in message and "deadbeef" not in message and "AKIA" not in message
+
+
+def test_engine_maps_native_errors_to_agent_errors() -> None:
+    def made(cls: type[Exception], **attrs: Any) -> Any:
+        error = cls("f: bytes 0-9: boom (GET http://h/b/k?X-Amz-Signature=x)")
+        for name, value in attrs.items():
+            setattr(error, name, value)
+        return error
+
+    assert isinstance(translate(made(native.HttpStatusError, status=503)), StorageUnavailableError)
+    assert isinstance(translate(made(native.HttpStatusError, status=416)), VerificationError)
+    assert isinstance(translate(made(native.DigestMismatchError)), VerificationError)
+    assert isinstance(translate(made(native.TransferError)), StorageUnavailableError)
+    assert isinstance(translate(made(native.FileWriteError, errno=errno.ENOSPC)), DiskFullError)
+    other = translate(made(native.FileWriteError, errno=errno.EACCES))
+    assert type(other) is AgentError and "X-Amz" not in str(other) and "?" not in str(other)
+
+
+def test_engine_raises_storage_unavailable_when_the_server_is_down(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * 10)
+    job = BlobJob("blob", "key", SECRET_URL.format(port=closed_port), 10, path, (Part(0, 0, 10),))
+    limits = Limits(max_retries=1, backoff_base=0.001, backoff_max=0.01, connect_timeout=1.0)
+    with pytest.raises(StorageUnavailableError) as caught:
+        NativeEngine().fetch([job], limits, lambda n: None, lambda j, p: None)
+    assert "deadbeef" not in caught.value.one_line()
+
+
+def test_engine_is_picked_when_the_extension_loads() -> None:
+    assert NativeEngine.available()
+    assert pick_engine("native").name == "native"
+
+
+def test_engine_is_unavailable_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(agent, "_native", raising=False)
+    monkeypatch.setitem(sys.modules, "agent._native", None)  # makes the import fail
+    assert not NativeEngine.available()
+
+
+HTTPS_CHILD = """
+import json, sys
+from agent import _native
+spec = json.loads(sys.stdin.read())
+spec["parts"] = [tuple(p) for p in spec["parts"]]
+print(json.dumps(_native.fetch([spec], concurrency=2)))
+"""
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1",
+         "-addext", "basicConstraints=critical,CA:FALSE"],
+        check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `DATA` with 206 for `Range: bytes=a-b`, as an S3 server does."""
+
+    protocol_version = "HTTP/1.1"
+    data = b""
+
+    def do_GET(self) -> None:
+        first, last = (int(n) for n in self.headers["Range"].removeprefix("bytes=").split("-"))
+        body = self.data[first:last + 1]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_with_a_private_ca_from_ssl_cert_file(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    data = os.urandom(300_000)
+    handler = type("Handler", (RangeHandler,), {"data": data})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        path = tmp_path / "blob"
+        path.write_bytes(b"\0" * len(data))
+        parts: list[tuple[int, int, int, str | None]] = []
+        for index, offset in enumerate(range(0, len(data), 100_000)):
+            chunk = data[offset:offset + 100_000]
+            parts.append((index, offset, len(chunk), hashlib.sha256(chunk).hexdigest()))
+        url = f"https://127.0.0.1:{server.server_address[1]}/bucket/key?X-Amz-Signature=x"
+        # The trust store is read once per process: a child process sees this SSL_CERT_FILE from the start.
+        env = {**os.environ, "SSL_CERT_FILE": str(cert), "PYTHONPATH": str(Path(agent.__file__).parents[1])}
+        result = subprocess.run([sys.executable, "-c", HTTPS_CHILD],
+                                input=json.dumps(spec(path, url, len(data), parts)),
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["parts"] == 3
+        assert path.read_bytes() == data
+    finally:
+        server.shutdown()
+        server.server_close()
