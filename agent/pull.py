@@ -31,7 +31,7 @@ from agent.plan import Plan, blob_jobs, check_disk, discard_partial, plan_blob, 
 from agent.remote import RemoteRepo, StagedSnapshot
 from agent.settings import Settings
 from agent.store import Store
-from agent.verify import check_content
+from agent.verify import StreamingCheck, check_content
 
 URL_EXPIRY = 6 * 3600  # a slow pull of a large model must not outlive its URLs
 
@@ -100,6 +100,8 @@ class Finisher:
                      for b in plan.to_fetch}
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="verify")
         self.futures: dict[str, Future[str | None]] = {}
+        self.checks = {b.name: StreamingCheck(cache.part_path(b.name), b.entry, b.part_size)
+                       for b in plan.to_fetch} if full else {}
 
     def start_ready(self) -> None:
         """Blobs with nothing left to fetch (resumed complete, or empty) are finished at once."""
@@ -115,11 +117,13 @@ class Finisher:
         write_part_state(self.cache, name, blob.entry.size, blob.part_size, self.done[name])
         if not self.remaining[name] and name not in self.futures:
             self.futures[name] = self.pool.submit(self.finalize, name)
+        elif name in self.checks:
+            self.pool.submit(self.checks[name].advance, frozenset(self.done[name]))
 
     def finalize(self, name: str) -> str | None:
-        entry = self.blobs[name].entry
         part = self.cache.part_path(name)
-        problem = check_content(part, entry, full=self.full)
+        check = self.checks.get(name)
+        problem = check.result() if check else check_content(part, self.blobs[name].entry, full=False)
         if problem is not None:
             discard_partial(self.cache, name)
             return problem

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,48 @@ def check_content(path: Path, entry: FileEntry, *, full: bool = True) -> str | N
     if digest.hexdigest() != _expected(entry):
         return f"content hash {digest.hexdigest()[:12]}... != expected {_expected(entry)[:12]}..."
     return None
+
+
+class StreamingCheck:
+    """The full-content check of one blob, fed as its parts land, so hashing overlaps the transfer
+    instead of following it. Parts finish in any order; each `advance` hashes the run of finished parts
+    just past what was already read (from the page cache, right after the engine wrote them)."""
+
+    def __init__(self, path: Path, entry: FileEntry, part_size: int) -> None:
+        self.path = path
+        self.entry = entry
+        self.ranges = list(part_ranges(entry.size, part_size))
+        self.digest = _new_hash(entry)
+        self.next_index = 0
+        self.short_read = False
+        self.lock = threading.Lock()
+
+    def advance(self, done: frozenset[int]) -> None:
+        with self.lock:
+            if self.next_index >= len(self.ranges) or self.next_index not in done:
+                return
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while self.next_index < len(self.ranges) and self.next_index in done:
+                    _, offset, length = self.ranges[self.next_index]
+                    self.short_read |= hash_range(fd, offset, length, self.digest) != length
+                    self.next_index += 1
+            finally:
+                os.close(fd)
+
+    def result(self) -> str | None:
+        """Once every part is in: None when size and hash match the manifest, else what is wrong."""
+        try:
+            size = self.path.stat().st_size
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        if size != self.entry.size:
+            return f"size {size} != expected {self.entry.size}"
+        self.advance(frozenset(range(len(self.ranges))))
+        actual = self.digest.hexdigest()
+        if self.short_read or actual != _expected(self.entry):
+            return f"content hash {actual[:12]}... != expected {_expected(self.entry)[:12]}..."
+        return None
 
 
 def good_parts(path: Path, blob_name: str, size: int, sidecar: Sidecar, indices: set[int]) -> set[int]:
