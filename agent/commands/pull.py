@@ -1,4 +1,5 @@
-"""`pull MODEL [--revision REV] [--hf-home DIR] [--engine ...] [--verify size|full] [--report FILE]`."""
+"""`pull MODEL [--revision REV] [--hf-home DIR] [--engine ...] [--verify size|full] [--no-fallback]
+[--write-back] [--report FILE]`: the bucket first, the Hub only when the bucket cannot deliver."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from typing import Any
 
 from agent.cache import atomic_write, check_repo_id
 from agent.engines import ENGINES
+from agent.fallback import pull_with_fallback
 from agent.output import Output, human_bytes
-from agent.pull import PullOptions, PullResult, pull_from_store
+from agent.pull import PullOptions, PullResult
 from agent.settings import Settings
 
 
-def add_pull_options(parser: argparse.ArgumentParser) -> None:
-    """The options `pull` and `serve` share."""
-    parser.add_argument("model", help="Hugging Face repo id, e.g. Qwen/Qwen3-14B")
+def add_pull_options(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
+    """The options `pull` and `serve` share (`serve` re-parses them after MODEL, without it)."""
+    if with_model:
+        parser.add_argument("model", help="Hugging Face repo id, e.g. Qwen/Qwen3-14B")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     parser.add_argument("--hf-home", type=Path, metavar="DIR",
                         help="HF_HOME to fill (the cache goes to DIR/hub); default from the environment")
@@ -30,6 +33,8 @@ def add_pull_options(parser: argparse.ArgumentParser) -> None:
                         help="parallel ranged GETs (default: sized to the machine)")
     parser.add_argument("--no-fallback", action="store_true",
                         help="never fall back to the Hugging Face Hub")
+    parser.add_argument("--write-back", action="store_true",
+                        help="after a Hub fallback, stage the model into the bucket for the next pod")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the pull")
 
 
@@ -60,7 +65,8 @@ def summarize(result: PullResult, out: Output) -> None:
 
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     settings = settings.with_hf_home(args.hf_home)
-    result = pull_from_store(settings, options_from(args), out)
+    result = pull_with_fallback(settings, options_from(args), out, allow_fallback=not args.no_fallback,
+                                write_back=args.write_back)
     write_report(args.report, result)
     summarize(result, out)
     return 0

@@ -1,0 +1,90 @@
+"""`serve MODEL [pull options] [--vllm-bin PATH] [-- VLLM_ARGS...]`: pull (with the Hub fallback), then
+exec `vllm serve`, offline, on the filled cache.
+
+argparse cannot mix options after a positional with a `--` section in one pass (and strips or keeps a
+`--` depending on where it stands), so MODEL and everything after it are taken verbatim as one
+REMAINDER, which keeps every `--` on all Python versions, and split here: MODEL first, our options up
+to the first `--` (parsed again), vLLM's arguments after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from agent.commands.pull import add_pull_options, options_from, summarize, write_report
+from agent.errors import UsageError
+from agent.fallback import pull_with_fallback
+from agent.launch import exec_vllm, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
+from agent.output import Output
+from agent.settings import Settings
+
+SEPARATOR = "--"
+
+
+def add_serve_options(parser: argparse.ArgumentParser, *, with_model: bool) -> None:
+    add_pull_options(parser, with_model=with_model)
+    parser.add_argument("--vllm-bin", metavar="PATH",
+                        help="the vLLM executable (default: $SIMSWARM_VLLM_BIN, else `vllm` on PATH)")
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "serve", help="pull the model, then exec `vllm serve` on it (offline)",
+        description="Pull MODEL (bucket first, Hub fallback), then replace this process with "
+                    "`vllm serve MODEL --served-model-name MODEL VLLM_ARGS`; vLLM's arguments go after `--`.")
+    add_serve_options(parser, with_model=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="MODEL [options] [-- VLLM_ARGS ...]",
+                        help="Hugging Face repo id, pull options, then `--` and vLLM's own arguments")
+    parser.set_defaults(func=run)
+
+
+def split_rest(rest: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(our options, vLLM's arguments): split at the first `--`."""
+    rest = list(rest)
+    if SEPARATOR in rest:
+        cut = rest.index(SEPARATOR)
+        return rest[:cut], rest[cut + 1:]
+    return rest, []
+
+
+class _OptionsParser(argparse.ArgumentParser):
+    """Reports a bad option as one UsageError line instead of usage text and SystemExit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"serve: {message}; vLLM's own arguments go after `--`")
+
+
+def parse_after_model(args: argparse.Namespace) -> list[str]:
+    """Set `args.model`, parse the options given after MODEL into `args`; returns vLLM's arguments."""
+    rest = list(args.rest)
+    if rest[:1] == [SEPARATOR]:  # `serve --opt X -- MODEL ...`: a `--` before MODEL only ends our options
+        rest = rest[1:]
+    if not rest or rest[0].startswith("-"):
+        raise UsageError("serve needs MODEL, a Hugging Face repo id, before any `--`")
+    args.model = rest[0]
+    ours, theirs = split_rest(rest[1:])
+    if ours:
+        parser = _OptionsParser(prog="simswarm-agent serve MODEL", add_help=False)
+        add_serve_options(parser, with_model=False)
+        parser.parse_args(ours, namespace=args)
+    return theirs
+
+
+def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    vllm_args = parse_after_model(args)
+    settings = settings.with_hf_home(args.hf_home)
+    vllm_bin = resolve_vllm_bin(args.vllm_bin, os.environ)  # before the pull: fail in seconds, not minutes
+    opts = options_from(args)
+    result = pull_with_fallback(settings, opts, out, allow_fallback=not args.no_fallback,
+                                write_back=args.write_back)
+    write_report(args.report, result)
+    summarize(result, out)
+    argv = vllm_argv(opts.repo_id, vllm_args, vllm_bin=vllm_bin, revision=opts.revision,
+                     commit=result.commit)
+    shown = redact_argv(argv)
+    out.event("serve.exec", f"starting vLLM: {' '.join(shown)}", argv=shown)
+    exec_vllm(argv, vllm_env(os.environ, settings))
+    return 0  # not reached: exec_vllm replaces the process or raises
