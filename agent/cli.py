@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         out.error(exc.one_line(), exc.exit_code)
         return exc.exit_code
+    except Interrupted as exc:
+        out.error(exc.one_line(), exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         out.error("error: interrupted (run the same command again to resume)", EXIT_SIGINT)
         return EXIT_SIGINT

@@ -86,14 +86,21 @@ class DiskFullError(AgentError, OSError):
     hint = "free disk space or point --hf-home at a larger volume"
 
 
-class Interrupted(AgentError):
-    """SIGINT or SIGTERM arrived; what was complete stays, partial parts are kept for resume."""
+class Interrupted(BaseException):
+    """SIGTERM arrived; what was complete stays, partial parts are kept for resume.
+
+    A BaseException, as KeyboardInterrupt is: libraries that catch every Exception while they wait on
+    the network (botocore's endpoint does) must not swallow the signal.
+    """
 
     hint = "run the same command again to resume"
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.exit_code = 128 + signum
+
+    def one_line(self) -> str:
+        return f"error: {self} ({self.hint})"
 
 
 class LaunchError(AgentError):

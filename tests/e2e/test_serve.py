@@ -139,10 +139,6 @@ def test_missing_vllm_fails_in_one_line_before_pulling(fake_hub: FakeHub, model_
     assert fake_hub.requests == [] and not (tmp_path / "home" / "hub").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "cli's SIGTERM handler raises Interrupted, an Exception: botocore's endpoint catches every Exception "
-    "while sending (endpoint._do_get_response), so the signal is lost and the pull carries on until its "
-    "read timeouts; a BaseException (as KeyboardInterrupt is) gets through at once"))
 def test_sigterm_during_the_pull_exits_143(fake_hub: FakeHub, model_repo: tuple[str, str], stub_dir: Path,
                                            tmp_path: Path) -> None:
     """An S3 endpoint that accepts connections and never answers: the pull hangs until SIGTERM."""
