@@ -1,7 +1,7 @@
 """The s5cmd engine against a real S3 server (SeaweedFS) and the real s5cmd binary.
 
-`pick_engine` builds engines without arguments, so the engine reads MINIO_* from the environment: each
-test puts its settings there with monkeypatch, as the CLI's process environment would hold them.
+`pull_from_store` hands its Settings to the engine; tests that build a bare engine put MINIO_* in the
+environment with monkeypatch, as the CLI's process environment would hold them.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def test_the_secret_key_travels_only_in_the_environment(
 def test_wrong_credentials_fail_with_a_clear_one_line_error(
         staged: Settings, agent_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = "not-the-secret-" + "x" * 20
-    monkeypatch.setenv("MINIO_SECRET_KEY", wrong)  # the engine's settings; the listing still works
+    # Only the engine gets the wrong secret, so the listing still works and s5cmd meets the refusal.
+    engine = S5cmdEngine(replace(staged, secret_key=wrong))
+    monkeypatch.setattr("agent.pull.pick_engine", lambda name, settings=None: engine)
 
     with pytest.raises(CredentialsError) as caught:
         pull_from_store(staged, PullOptions(REPO_ID, engine="s5cmd"), quiet())
