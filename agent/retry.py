@@ -9,9 +9,10 @@ from __future__ import annotations
 import random
 
 
-def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
+                  rng: random.Random | None = None) -> float:
     """Seconds to wait before retry number `attempt` (0-based)."""
-    delay = random.uniform(0, min(cap, base * (2**attempt)))
+    delay = (rng or random).uniform(0, min(cap, base * (2**attempt)))
     if retry_after is not None:
         delay = max(delay, min(cap, retry_after))
     return delay

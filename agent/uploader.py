@@ -22,6 +22,7 @@ import urllib3
 
 from agent.artifacts import InvalidArtifactRequest, redact_signing_logs, validate_artifact_name
 from agent.errors import ConfigError
+from agent.retry import backoff_delay
 from agent.store import redact_url
 
 CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8"}
@@ -44,7 +45,7 @@ class RetryPolicy:
             raise ConfigError(f"retry policy out of range: {self}")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.cap, self.base * (2 ** attempt)))
+        return backoff_delay(attempt, self.base, self.cap, rng=rng)
 
 
 @dataclass
