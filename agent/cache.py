@@ -68,7 +68,10 @@ def check_repo_id(repo_id: str) -> str:
 
 def check_revision(revision: str) -> str:
     """A branch, tag, `refs/pr/N` or commit: usable as a path under refs/."""
-    safe_relpath(revision)
+    try:
+        safe_relpath(revision)
+    except UnsafePathError as exc:
+        raise UsageError(f"not a revision: {exc}") from None
     if revision.startswith("refs/") and not revision.startswith("refs/pr/"):
         raise UsageError(f"unsupported revision: {revision!r}")
     return revision

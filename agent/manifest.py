@@ -103,12 +103,28 @@ def _entry(path: str, info: Any) -> FileEntry:
     return FileEntry(size, blob_id, lfs_sha, size if lfs_sha else None)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of repeated keys; a manifest listing a file twice is refused instead."""
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ManifestError(f"key {key[:80]!r} appears twice")
+        doc[key] = value
+    return doc
+
+
+def load_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicate_keys)
+    except ManifestError as exc:
+        raise ManifestError(f"{what}: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and check a trees/<commit>.json; any flaw is a ManifestError naming it."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    doc = load_json(data, "manifest")
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
         raise ManifestError("manifest has no format_version 1")
     files = doc.get("files")
@@ -185,10 +201,7 @@ def part_ranges(size: int, part_size: int) -> Iterable[tuple[int, int, int]]:
 
 
 def parse_sidecar(data: bytes) -> Sidecar:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"part sidecar is not valid JSON: {exc}") from None
+    doc = load_json(data, "part sidecar")
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
         raise ManifestError("part sidecar has no format_version 1")
     part_size, blobs = doc.get("part_size"), doc.get("blobs")

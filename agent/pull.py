@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -71,11 +72,24 @@ class PullResult:
         return asdict(self)
 
 
+def open_lock_file(path: Path) -> int:
+    """Open (creating) the lock file without following a link: a planted link must not make the agent
+    create or touch a file outside the cache. A link found there is removed and the open retried."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        return os.open(path, flags, 0o644)
+
+
 @contextlib.contextmanager
 def cache_lock(cache: RepoCache, out: Output) -> Iterator[None]:
     """An exclusive lock per model folder under .locks/ (where huggingface_hub keeps its own)."""
     cache.lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(cache.lock_path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

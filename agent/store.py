@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from agent.errors import (
     NotFoundError,
     StorageUnavailableError,
 )
+from agent.retry import backoff_delay
 from agent.settings import Settings
 
 if TYPE_CHECKING:
@@ -186,16 +188,26 @@ class Store:
         metadata["content-length"] = str(meta["ContentLength"])
         return metadata
 
-    def get_bytes(self, key: str, *, limit: int = 64 << 20) -> bytes:
-        """A small object's bytes (manifests, refs); refuses anything over `limit`."""
-        response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=key)
-        if int(response["ContentLength"]) > limit:
-            raise ConfigError(f"{key}: {response['ContentLength']} bytes is too large for a metadata object")
-        try:
-            data: bytes = response["Body"].read()
-        except (BotoCoreError, OSError) as exc:
-            raise translate(exc, key) from None
-        return data
+    def get_bytes(self, key: str, *, limit: int = 64 << 20, attempts: int = 4) -> bytes:
+        """A small object's bytes (manifests, refs); refuses anything over `limit`.
+
+        botocore retries a failed request but not a body that breaks or fails its checksum while being
+        read; one such blip on the manifest must not send a pod to the Hub, so the whole GET is retried.
+        """
+        for attempt in range(attempts):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+                if int(response["ContentLength"]) > limit:
+                    raise ConfigError(f"{key}: {response['ContentLength']} bytes is too large for metadata")
+                data: bytes = response["Body"].read()
+                return data
+            except ClientError as exc:
+                raise translate(exc, key) from None
+            except (BotoCoreError, OSError) as exc:
+                if attempt == attempts - 1:
+                    raise translate(exc, key) from None
+                time.sleep(backoff_delay(attempt, 0.2, 2.0))
+        raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
                   content_type: str = "application/octet-stream") -> None:

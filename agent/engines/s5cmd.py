@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO
 
 from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn
-from agent.errors import AgentError, CredentialsError, NotFoundError, StorageUnavailableError
+from agent.errors import AgentError, CredentialsError, DiskFullError, NotFoundError, StorageUnavailableError
 from agent.settings import Settings
 
 MIB = 1 << 20
@@ -52,6 +52,7 @@ MAX_STDERR_LINES = 50
 DROPPED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL",
                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "HF_TOKEN")
+DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
 CREDENTIAL_MARKERS = ("status code: 403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
                       "NoCredentialProviders", "ExpiredToken")
 MISSING_MARKERS = ("status code: 404", "NoSuchKey", "NoSuchBucket", "NotFound")
@@ -148,6 +149,8 @@ def classify(errors: Sequence[str], returncode: int, missing: int, total: int,
     first = scrub(texts[0], secrets) if texts else f"s5cmd exited with status {returncode}"
     message = f"s5cmd fetched {total - missing} of {total} blobs: {first}"
     joined = "\n".join(texts)
+    if any(marker in joined.lower() for marker in DISK_FULL_MARKERS):
+        return DiskFullError(message)
     if any(marker in joined for marker in CREDENTIAL_MARKERS):
         return CredentialsError(message)
     if any(marker in joined for marker in MISSING_MARKERS):

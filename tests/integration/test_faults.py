@@ -214,9 +214,6 @@ def test_a_transient_fault_on_a_metadata_get_ends_valid_or_in_a_clean_error(
     assert proxy.count(fault=fault) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Store.get_bytes does not retry a broken body (ResponseStreaming"
-                                       "Error, FlexibleChecksumError): one reset on the manifest GET fails "
-                                       "the pull")
 @pytest.mark.parametrize("fault", ["reset", "flip"])
 def test_a_one_off_body_fault_on_the_manifest_get_is_retried(
         fault: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
@@ -357,8 +354,6 @@ DISK_ENGINES = [
 DISK_EXITS = {"python": {5}, "native": {5}, "s5cmd": {3, 5}}
 
 
-@pytest.mark.xfail(strict=True, reason="agent.engines.s5cmd.classify maps s5cmd's 'no space left on "
-                                       "device' to StorageUnavailableError (exit 3), not DiskFullError (5)")
 def test_s5cmd_reporting_a_full_disk_is_exit_5() -> None:
     from agent.engines.s5cmd import classify
 

@@ -80,9 +80,6 @@ def test_parse_manifest_on_arbitrary_bytes_returns_safe_paths_or_raises_manifest
     _check(data)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_manifest/parse_sidecar let json.loads' RecursionError "
-                                       "escape on deeply nested JSON (only ValueError/UnicodeDecodeError "
-                                       "are caught)")
 @pytest.mark.parametrize("parse", [parse_manifest, parse_sidecar], ids=["manifest", "sidecar"])
 def test_deeply_nested_json_is_a_manifest_error(parse: Any) -> None:
     with pytest.raises(ManifestError):
