@@ -54,6 +54,13 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
               "proxy-connection", "content-length"}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A `reset` fault closes the socket under the handler on purpose: its error is expected, not news."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Request:
     """One request as the proxy saw and answered it."""
@@ -118,7 +125,7 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         if self._server is None:
             self._stopping.clear()
-            self._server = ThreadingHTTPServer((HOST, 0), _handler_class(self))
+            self._server = _QuietServer((HOST, 0), _handler_class(self))
             self._server.daemon_threads = True
             self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                             name="fault-proxy", daemon=True)
