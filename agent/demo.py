@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.errors import VerificationError
+from agent.launch import vllm_argv
 from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.settings import Settings
@@ -60,12 +61,7 @@ def check_offline(repo_id: str, hub_cache: Path) -> dict[str, object]:
 
 
 def vllm_command(repo_id: str, hub_cache: Path) -> str:
-    try:
-        from agent.launch import vllm_argv  # type: ignore[attr-defined]
-
-        argv: list[str] = vllm_argv(repo_id, [])
-    except ImportError:
-        argv = ["vllm", "serve", repo_id, "--served-model-name", repo_id]
+    argv = vllm_argv(repo_id, [])
     return f"HF_HUB_OFFLINE=1 HF_HUB_CACHE={shlex.quote(str(hub_cache))} {shlex.join(argv)}"
 
 
@@ -92,8 +88,10 @@ def run_demo(out: Output, *, shards: int = 4, shard_bytes: int = 8 << 20, engine
                   f"with the {result.engine} engine into {result.snapshot_path}")
 
         checked = check_offline(DEMO_REPO, settings.hub_cache)
+        opened = checked["shards"]
+        assert isinstance(opened, dict)
         out.event("demo.verify", f"huggingface_hub resolved the snapshot offline, scan_cache_dir() "
-                  f"has no warnings, safetensors opened {len(checked['shards'])} shards")  # type: ignore[arg-type]
+                  f"has no warnings, safetensors opened {len(opened)} shards")
         out.event("demo.serve", "serve would now exec: " + vllm_command(DEMO_REPO, settings.hub_cache))
         return result
     finally:

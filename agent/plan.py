@@ -92,8 +92,8 @@ def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | 
     part_size = choose_part_size(entry.size, concurrency, sidecar)
     digests = sidecar.digests_for(name, entry.size) if sidecar else None
     claimed = read_part_state(cache, name, entry.size, part_size)
-    if claimed and digests is not None:
-        claimed = good_parts(cache.part_path(name), name, entry.size, sidecar, claimed)  # type: ignore[arg-type]
+    if claimed and sidecar is not None and digests is not None:
+        claimed = good_parts(cache.part_path(name), name, entry.size, sidecar, claimed)
     missing = [Part(i, off, length, digests[i] if digests else None)
                for i, off, length in part_ranges(entry.size, part_size) if i not in claimed]
     if not claimed:
