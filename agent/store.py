@@ -161,10 +161,10 @@ class Store:
             raise translate(exc, f"listing {prefix!r}") from None
         return found
 
-    def head(self, key: str) -> ObjectInfo | None:
-        """The object's size and metadata, or None when it does not exist."""
+    def _head_object(self, key: str) -> Any:
+        """HEAD's response, or None when the object does not exist."""
         try:
-            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+            return self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             err = translate(exc, key)
             if isinstance(err, NotFoundError):
@@ -172,18 +172,19 @@ class Store:
             raise err from None
         except BotoCoreError as exc:
             raise translate(exc, key) from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and ETag, or None when it does not exist."""
+        meta = self._head_object(key)
+        if meta is None:
+            return None
         return ObjectInfo(key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
 
     def head_metadata(self, key: str) -> dict[str, str] | None:
-        try:
-            meta = self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            err = translate(exc, key)
-            if isinstance(err, NotFoundError):
-                return None
-            raise err from None
-        except BotoCoreError as exc:
-            raise translate(exc, key) from None
+        """The object's user metadata plus its `content-length`, or None when it does not exist."""
+        meta = self._head_object(key)
+        if meta is None:
+            return None
         metadata: dict[str, str] = meta.get("Metadata", {})
         metadata["content-length"] = str(meta["ContentLength"])
         return metadata
@@ -236,6 +237,14 @@ class Store:
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, key) from None
         return url
+
+
+_QUERY_IN_TEXT = re.compile(r"\?[^\s'\")]*")
+
+
+def scrub_queries(text: str, replacement: str = "?<redacted>") -> str:
+    """Every query string inside `text` (an error message naming a presigned URL) replaced."""
+    return _QUERY_IN_TEXT.sub(replacement, text)
 
 
 def redact_url(url: str) -> str:

@@ -23,11 +23,10 @@ import urllib3
 from agent.artifacts import InvalidArtifactRequest, redact_signing_logs, validate_artifact_name
 from agent.errors import ConfigError
 from agent.retry import backoff_delay
-from agent.store import redact_url
+from agent.store import redact_url, scrub_queries
 
 CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8"}
 RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
-_QUERY = re.compile(r"\?[^\s'\"]*")
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class _Fatal(Exception):
 
 def scrub(text: str) -> str:
     """Any query string in `text` replaced, so an exception message cannot leak a signature."""
-    return _QUERY.sub("?<redacted>", text)
+    return scrub_queries(text)
 
 
 def load_url_map(path: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ promptly. The agent runs without the extension: `available()` is then False and 
 from __future__ import annotations
 
 import errno
-import re
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from agent.errors import (
     UsageError,
     VerificationError,
 )
+from agent.store import scrub_queries
 
 if TYPE_CHECKING:
     from agent._native import FetchError
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from agent._native import _JobSpec as JobSpec
 
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports, signal checks and cancellation points
-_QUERY = re.compile(r"\?\S*")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -108,7 +107,7 @@ def translate(exc: FetchError) -> AgentError:
     """The extension's error as the agent's, with its exit code; no query string in the text."""
     from agent import _native
 
-    message = _QUERY.sub("", str(exc))
+    message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
         status = exc.status
         if status == 403:

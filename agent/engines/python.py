@@ -30,11 +30,10 @@ from agent.errors import (
     VerificationError,
 )
 from agent.retry import backoff_delay, parse_retry_after
-from agent.store import redact_url
+from agent.store import scrub_queries
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-QUERY = re.compile(r"\?[^\s'\")]*")  # a query string inside any text: a presigned URL's signature
 _POOL: urllib3.PoolManager | None = None
 
 
@@ -149,7 +148,7 @@ def _final_error(task: PartTask, exc: Exception) -> AgentError:
         return VerificationError(f"{where}: part digest mismatch after retries")
     # urllib3 names the request path with its query (MaxRetryError: "... with url: /b/k?X-Amz-..."), with
     # or without a scheme: strip every query string, not only those of full URLs.
-    reason = QUERY.sub("?<redacted>", redact_url(str(exc)) if "://" in str(exc) else str(exc))
+    reason = scrub_queries(str(exc))
     return StorageUnavailableError(f"{where}: gave up after retries ({type(exc).__name__}: {reason[:200]})")
 
 

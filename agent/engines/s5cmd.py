@@ -39,6 +39,7 @@ from typing import IO
 from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn
 from agent.errors import AgentError, CredentialsError, DiskFullError, NotFoundError, StorageUnavailableError
 from agent.settings import Settings
+from agent.store import scrub_queries
 
 MIB = 1 << 20
 LARGE_OBJECT = 64 * MIB  # objects above this get several concurrent ranged GETs each
@@ -56,7 +57,6 @@ DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
 CREDENTIAL_MARKERS = ("status code: 403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
                       "NoCredentialProviders", "ExpiredToken")
 MISSING_MARKERS = ("status code: 404", "NoSuchKey", "NoSuchBucket", "NotFound")
-URL_QUERY = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
 REQUEST_IDS = re.compile(r",?\s*request id: [^,\s]*,?\s*host id:\s*\S*")
 
 
@@ -128,7 +128,7 @@ def scrub(text: str, secrets: Sequence[str | None]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = URL_QUERY.sub(r"\1?<redacted>", text)
+    text = scrub_queries(text)
     text = REQUEST_IDS.sub("", text)
     return " ".join(text.split())[:300]
 
