@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
-from typing import TypedDict
+from typing import Required, TypedDict
 
 __all__ = [
     "DigestMismatchError",
@@ -16,14 +16,23 @@ __all__ = [
 
 # The shapes `fetch` takes and returns (plain dicts at runtime; these names exist only for type checking).
 
-class _JobSpec(TypedDict):
-    """One blob: `parts` holds (index, offset, length, sha256 hex or None); `index` is echoed back."""
+class _JobSpec(TypedDict, total=False):
+    """One blob: `parts` holds (index, offset, length, sha256 hex or None[, kept bytes]); `index` is
+    echoed back. `whole` is ("sha256" | "git-sha1", hex) the blob must hash to; `record` asks for the
+    sha256 of each part fetched without a digest of its own."""
 
-    url: str
-    headers: Mapping[str, str] | None
-    path: str | PathLike[str]
-    size: int
-    parts: Sequence[tuple[int, int, int, str | None]]
+    url: Required[str]
+    headers: Required[Mapping[str, str] | None]
+    path: Required[str | PathLike[str]]
+    size: Required[int]
+    parts: Required[Sequence[tuple[int, int, int, str | None] | tuple[int, int, int, str | None, int]]]
+    whole: tuple[str, str] | None
+    record: bool
+
+class _News(TypedDict):
+    written: list[tuple[int, int, int]]
+    digests: list[tuple[int, int, str]]
+    verdicts: list[tuple[int, bool, str]]
 
 class _FetchStats(TypedDict):
     bytes: int
@@ -62,4 +71,5 @@ def fetch(
     backoff_max: float = 10.0,
     progress: Callable[[int, list[tuple[int, int]]], object] | None = None,
     progress_interval: float = 0.1,
+    report: Callable[[_News], object] | None = None,
 ) -> _FetchStats: ...

@@ -15,6 +15,7 @@ use tokio::time::timeout;
 use crate::client;
 use crate::error::FetchError;
 use crate::spec::{Job, JobArg, Options};
+use crate::transfer::Tick;
 use crate::transfer::{self, Shared, Totals};
 
 /// Fetch byte ranges of objects into existing files and return `{"bytes", "retries", "parts"}`.
@@ -25,6 +26,13 @@ use crate::transfer::{self, Shared, Totals};
 /// previous call. If a signal handler or `progress` raises, in-flight requests are dropped and that
 /// exception propagates.
 ///
+/// `report(news)`, when given, is called on the same ticks with a dict of what else happened:
+/// `written`, `(job_index, part.index, bytes)` for every part in progress (bytes on disk from the
+/// part's start, for a checkpoint that survives SIGKILL); `digests`, `(job_index, part.index, hex)`
+/// for parts fetched with `record`; `verdicts`, `(job_index, ok, actual_hex)` for each job with a
+/// `whole` digest once its last byte is hashed. A job whose whole hash fails is reported, not raised:
+/// the other jobs carry on.
+///
 /// `concurrency` bounds the ranged GETs in flight across all jobs. `read_timeout` is the longest wait
 /// for the next body bytes (and, after `connect_timeout`, for the response head). A part is retried on
 /// a broken or stalled connection, a short body, a digest mismatch, 408/429/5xx (`Retry-After` honoured
@@ -32,7 +40,7 @@ use crate::transfer::{self, Shared, Totals};
 #[pyfunction]
 #[pyo3(signature = (
     jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0, max_retries = 5,
-    backoff_base = 0.2, backoff_max = 10.0, progress = None, progress_interval = 0.1,
+    backoff_base = 0.2, backoff_max = 10.0, progress = None, progress_interval = 0.1, report = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn fetch(
@@ -46,6 +54,7 @@ pub fn fetch(
     backoff_max: f64,
     progress: Option<PyObject>,
     progress_interval: f64,
+    report: Option<PyObject>,
 ) -> PyResult<Py<PyDict>> {
     let options = Options::new(
         concurrency,
@@ -58,13 +67,12 @@ pub fn fetch(
     )?;
     let jobs = jobs
         .into_iter()
-        .enumerate()
-        .map(|(i, job)| job.into_job(py, i))
+        .map(JobArg::into_job)
         .collect::<PyResult<Vec<Job>>>()?;
     let runtime = build_runtime(options.concurrency)?;
-    let shared = Arc::new(Shared::new(client::build(&options), options.clone()));
-    let mut transfer = runtime.spawn(transfer::run(shared.clone(), Arc::new(jobs)));
-    let mut reporter = Reporter::new(progress);
+    let shared = Arc::new(Shared::new(client::build(&options), options.clone(), jobs));
+    let mut transfer = runtime.spawn(transfer::run(shared.clone()));
+    let mut reporter = Reporter::new(progress, report);
 
     let joined = loop {
         let interval = options.progress_interval;
@@ -97,16 +105,18 @@ pub fn fetch(
     }
 }
 
-/// Hands byte deltas and finished parts to the Python callback.
+/// Hands byte deltas, finished parts, checkpoints, digests and verdicts to the Python callbacks.
 struct Reporter {
-    callback: Option<PyObject>,
+    progress: Option<PyObject>,
+    report: Option<PyObject>,
     reported_bytes: u64,
 }
 
 impl Reporter {
-    fn new(callback: Option<PyObject>) -> Self {
+    fn new(progress: Option<PyObject>, report: Option<PyObject>) -> Self {
         Reporter {
-            callback,
+            progress,
+            report,
             reported_bytes: 0,
         }
     }
@@ -116,11 +126,27 @@ impl Reporter {
         let tick = shared.take_tick();
         let delta = tick.bytes - self.reported_bytes;
         self.reported_bytes = tick.bytes;
-        match &self.callback {
+        if let Some(report) = &self.report {
+            report.call1(py, (news(py, &tick)?,))?;
+        }
+        match &self.progress {
             Some(callback) => callback.call1(py, (delta, tick.done)).map(drop),
             None => Ok(()),
         }
     }
+}
+
+fn news(py: Python<'_>, tick: &Tick) -> PyResult<Py<PyDict>> {
+    let dict = PyDict::new_bound(py);
+    dict.set_item("written", &tick.written)?;
+    dict.set_item("digests", &tick.digests)?;
+    let verdicts: Vec<(usize, bool, &str)> = tick
+        .verdicts
+        .iter()
+        .map(|v| (v.job_index, v.ok, v.actual.as_str()))
+        .collect();
+    dict.set_item("verdicts", verdicts)?;
+    Ok(dict.unbind())
 }
 
 fn build_runtime(concurrency: usize) -> PyResult<Runtime> {

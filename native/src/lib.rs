@@ -12,6 +12,7 @@ mod part;
 mod response;
 mod spec;
 mod transfer;
+mod whole;
 
 /// The crate version, so Python can tell which build it loaded.
 #[pyfunction]

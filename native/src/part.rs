@@ -1,4 +1,5 @@
 //! One part: ranged GET, bytes streamed to their file offset and hashed as they arrive, retried.
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper::body::Incoming;
 use ring::digest::{Context, SHA256};
+use tokio::task::block_in_place;
 use tokio::time::{sleep, timeout};
 
 use crate::backoff;
@@ -16,73 +18,171 @@ use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
 use crate::transfer::Shared;
 
+const READ_BACK: usize = 1 << 20;
+
 /// Progress through one part, kept across attempts: after a broken connection the next request
 /// asks only for the bytes still missing and the running hash carries on. Only a digest mismatch
 /// starts the part over.
 struct PartState {
     received: u64,
-    hasher: Context,
+    hasher: Option<Context>, // only when the part has a digest to meet or one to record
     counted: u64, // bytes already added to the shared counter: progress never counts a byte twice
 }
 
 impl PartState {
-    fn new() -> Self {
+    fn new(job: &Job, part: &PartSpec) -> Self {
         PartState {
-            received: 0,
-            hasher: Context::new(&SHA256),
-            counted: 0,
+            received: part.kept,
+            hasher: wants_digest(job, part).then(|| Context::new(&SHA256)),
+            counted: part.kept,
         }
     }
 
     fn restart(&mut self) {
         self.received = 0;
-        self.hasher = Context::new(&SHA256);
+        self.hasher = Some(Context::new(&SHA256));
     }
 }
 
-/// Fetches `part` of `job` into its file, retrying with jittered backoff until it lands verified
-/// or the retries run out.
+fn wants_digest(job: &Job, part: &PartSpec) -> bool {
+    part.sha256.is_some() || job.record
+}
+
+/// What one worker needs to land one part: where it goes and who to tell.
+struct Target<'a> {
+    shared: &'a Shared,
+    job_index: usize,
+    position: usize,
+    job: &'a Job,
+    part: &'a PartSpec,
+    file: File,
+}
+
+/// Fetches the part at `position` of job `job_index` into its file, retrying with jittered backoff
+/// until it lands verified or the retries run out; then tells the job's whole-blob hash.
 pub async fn fetch_part(
     shared: &Shared,
     job_index: usize,
-    job: &Job,
-    part: &PartSpec,
+    position: usize,
 ) -> Result<(), Box<Failure>> {
-    let options = &shared.options;
-    let mut state = PartState::new();
+    let job = &shared.jobs[job_index];
+    let part = &job.parts[position];
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(&job.path)
+        .map_err(|e| failure(Cause::File(e), 0, job_index, job, part))?;
+    let target = Target {
+        shared,
+        job_index,
+        position,
+        job,
+        part,
+        file,
+    };
+    let mut state = PartState::new(job, part);
+    if state.hasher.is_some() && part.kept > 0 {
+        // Kept bytes are re-checked with the rest of the part: read them back into its hash.
+        if let Err(e) = block_in_place(|| hash_kept(&target, &mut state)) {
+            return Err(failure(Cause::File(e), 0, job_index, job, part));
+        }
+    }
+    shared.record_written(job_index, position, state.received);
+    retry_part(&target, &mut state).await?;
+    target.finished(&state);
+    Ok(())
+}
+
+async fn retry_part(target: &Target<'_>, state: &mut PartState) -> Result<(), Box<Failure>> {
+    let options = &target.shared.options;
     let mut attempt = 0u32;
     loop {
-        let (cause, after) = match try_once(shared, job, part, &mut state).await {
+        let (cause, after) = match try_once(target, state).await {
             Ok(()) => return Ok(()),
-            Err(Attempt::Fatal(cause)) => {
-                return Err(failure(cause, attempt, job_index, job, part))
-            }
+            Err(Attempt::Fatal(cause)) => return Err(target.failure(cause, attempt)),
             Err(Attempt::Retry { cause, after }) => (cause, after),
         };
         if attempt >= options.max_retries {
-            return Err(failure(cause, attempt, job_index, job, part));
+            return Err(target.failure(cause, attempt));
         }
         let wait = match after {
             Some(asked) => backoff::honour(asked, options.backoff_max),
             None => backoff::delay(attempt, options.backoff_base, options.backoff_max),
         };
-        shared.count_retry();
+        target.shared.count_retry();
         attempt += 1;
         sleep(wait).await;
     }
 }
 
-async fn try_once(
-    shared: &Shared,
-    job: &Job,
-    part: &PartSpec,
-    state: &mut PartState,
-) -> Result<(), Attempt> {
+impl Target<'_> {
+    fn failure(&self, cause: Cause, attempt: u32) -> Box<Failure> {
+        failure(cause, attempt, self.job_index, self.job, self.part)
+    }
+
+    /// `received` bytes of the part are on disk. For the whole-blob hash they are final only when
+    /// the part has no digest of its own to meet (else it waits for the part's check).
+    fn written(&self, received: u64, at: u64, chunk: &[u8]) {
+        self.shared
+            .record_written(self.job_index, self.position, received);
+        if self.part.sha256.is_none() {
+            if let Some(frontier) = self.shared.frontier(self.job_index) {
+                if frontier.advance(self.position, received, at, Some(chunk)) {
+                    block_in_place(|| frontier.catch_up(&self.job.path));
+                }
+            }
+        }
+    }
+
+    /// The part is whole and checked: record its digest if asked, publish it to the whole-blob
+    /// hash, and judge the blob if this was its last part.
+    fn finished(&self, state: &PartState) {
+        let shared = self.shared;
+        if self.part.sha256.is_none() && self.job.record {
+            if let Some(hasher) = &state.hasher {
+                let hex = to_hex(hasher.clone().finish().as_ref());
+                shared.record_digest(self.job_index, self.part.index, hex);
+            }
+        }
+        if let Some(frontier) = shared.frontier(self.job_index) {
+            let (end, path) = (self.part.offset + self.part.length, &self.job.path);
+            block_in_place(|| {
+                if frontier.advance(self.position, self.part.length, end, None) {
+                    frontier.catch_up(path);
+                }
+                if frontier.part_finished() {
+                    shared.record_verdict(frontier.finish(self.job_index, path));
+                }
+            });
+        }
+    }
+}
+
+fn hash_kept(target: &Target<'_>, state: &mut PartState) -> std::io::Result<()> {
+    let hasher = state.hasher.as_mut().expect("only called with a hasher");
+    let mut buffer = vec![0u8; READ_BACK.min(target.part.kept as usize)];
+    let mut done = 0u64;
+    while done < target.part.kept {
+        let want = ((target.part.kept - done) as usize).min(buffer.len());
+        let got = target
+            .file
+            .read_at(&mut buffer[..want], target.part.offset + done)?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        hasher.update(&buffer[..got]);
+        done += got as u64;
+    }
+    Ok(())
+}
+
+async fn try_once(target: &Target<'_>, state: &mut PartState) -> Result<(), Attempt> {
+    let part = target.part;
     if state.received < part.length {
         let start = part.offset + state.received;
         let end = part.offset + part.length - 1;
-        let (skip, body) = request_range(shared, job, start, end).await?;
-        stream_to_file(shared, job, part, state, body, skip).await?;
+        let (skip, body) = request_range(target.shared, target.job, start, end).await?;
+        stream_to_file(target, state, body, skip).await?;
     }
     check_digest(part, state)
 }
@@ -108,13 +208,12 @@ async fn request_range(
 /// Streams the body chunk by chunk to the part's place in the file; nothing is buffered beyond
 /// the chunk hyper hands over.
 async fn stream_to_file(
-    shared: &Shared,
-    job: &Job,
-    part: &PartSpec,
+    target: &Target<'_>,
     state: &mut PartState,
     mut body: Incoming,
     mut skip: u64,
 ) -> Result<(), Attempt> {
+    let (shared, part) = (target.shared, target.part);
     let read_timeout = shared.options.read_timeout;
     while state.received < part.length {
         let frame = match timeout(read_timeout, body.frame()).await {
@@ -137,12 +236,17 @@ async fn stream_to_file(
         skip -= discard;
         let take = (part.length - state.received).min(data.len() as u64) as usize;
         let chunk = &data[..take];
+        let at = part.offset + state.received;
         // A page-cache write; if writeback throttles it, stalling this worker is the backpressure we want.
-        job.file
-            .write_all_at(chunk, part.offset + state.received)
+        target
+            .file
+            .write_all_at(chunk, at)
             .map_err(|e| Attempt::Fatal(Cause::File(e)))?;
-        state.hasher.update(chunk);
+        if let Some(hasher) = state.hasher.as_mut() {
+            hasher.update(chunk);
+        }
         state.received += take as u64;
+        target.written(state.received, at, chunk);
         if state.received > state.counted {
             shared.count_bytes(state.received - state.counted);
             state.counted = state.received;
@@ -158,10 +262,10 @@ async fn stream_to_file(
 }
 
 fn check_digest(part: &PartSpec, state: &mut PartState) -> Result<(), Attempt> {
-    let Some(expected) = part.sha256 else {
+    let (Some(expected), Some(hasher)) = (part.sha256, &state.hasher) else {
         return Ok(());
     };
-    let actual = state.hasher.clone().finish();
+    let actual = hasher.clone().finish();
     if actual.as_ref() == expected {
         return Ok(());
     }

@@ -1,6 +1,5 @@
 //! What Python hands to `fetch`, checked once up front and turned into plain Rust values.
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,22 +7,57 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::{HeaderMap, Uri};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-use crate::error::{redact_url, Cause, Failure};
+use crate::error::redact_url;
+use crate::whole::{Algorithm, WholeSpec};
 
-/// One blob as Python passes it: a dict with these keys.
+/// One part as Python passes it: `(index, offset, length, sha256 | None)`, optionally followed by
+/// `kept`, the bytes at the part's start already on disk from an earlier run.
 #[derive(FromPyObject)]
-#[pyo3(from_item_all)]
+enum PartArg {
+    Kept((usize, u64, u64, Option<String>, u64)),
+    Plain((usize, u64, u64, Option<String>)),
+}
+
+/// One blob as Python passes it: a dict with keys `url`, `headers`, `path`, `size`, `parts`, and
+/// optionally `whole` (`(algorithm, hex digest)` the blob must hash to) and `record` (report the
+/// sha256 of every part fetched without an expected digest).
 pub struct JobArg {
     url: String,
     headers: Option<HashMap<String, String>>,
     path: PathBuf,
     size: u64,
-    parts: Vec<(usize, u64, u64, Option<String>)>,
+    parts: Vec<PartArg>,
+    whole: Option<(String, String)>,
+    record: bool,
 }
 
-/// One blob, ready to fetch, its file open for writing (never created or truncated here: Python
-/// preallocated it).
+impl<'py> FromPyObject<'py> for JobArg {
+    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let dict = ob.downcast::<PyDict>()?;
+        let required = |key: &str| {
+            dict.get_item(key)?
+                .ok_or_else(|| PyValueError::new_err(format!("job is missing {key:?}")))
+        };
+        let optional = |key: &str| -> PyResult<Option<Bound<'py, PyAny>>> {
+            Ok(dict.get_item(key)?.filter(|v| !v.is_none()))
+        };
+        Ok(JobArg {
+            url: required("url")?.extract()?,
+            headers: optional("headers")?.map(|v| v.extract()).transpose()?,
+            path: required("path")?.extract()?,
+            size: required("size")?.extract()?,
+            parts: required("parts")?.extract()?,
+            whole: optional("whole")?.map(|v| v.extract()).transpose()?,
+            record: optional("record")?.map_or(Ok(false), |v| v.extract())?,
+        })
+    }
+}
+
+/// One blob, ready to fetch. Its file is opened only while a part is being written (so a model of
+/// thousands of files never holds more than `concurrency` of them open); it is never created or
+/// truncated here: Python preallocated it.
 pub struct Job {
     pub uri: Uri,
     pub shown_url: String,
@@ -31,15 +65,18 @@ pub struct Job {
     pub path: PathBuf,
     pub size: u64,
     pub parts: Vec<PartSpec>,
-    pub file: File,
+    pub whole: Option<WholeSpec>,
+    pub record: bool,
 }
 
-/// One byte range of a blob: `index` is the caller's own part number, echoed back in progress.
+/// One byte range of a blob: `index` is the caller's own part number, echoed back in progress;
+/// `kept` leading bytes are already on disk and are re-checked, not fetched again.
 pub struct PartSpec {
     pub index: usize,
     pub offset: u64,
     pub length: u64,
     pub sha256: Option<[u8; 32]>,
+    pub kept: u64,
 }
 
 /// The transfer limits, validated.
@@ -91,9 +128,8 @@ fn seconds(name: &str, value: f64, zero_ok: bool) -> PyResult<Duration> {
 }
 
 impl JobArg {
-    /// The checked job with its file open, or a ValueError naming the file (never the URL's query),
-    /// or a FileWriteError.
-    pub fn into_job(self, py: Python<'_>, job_index: usize) -> PyResult<Job> {
+    /// The checked job, or a ValueError naming the file (never the URL's query).
+    pub fn into_job(self) -> PyResult<Job> {
         let shown_url = redact_url(&self.url);
         let bad = |what: String| PyValueError::new_err(format!("{}: {what}", self.path.display()));
         let uri: Uri = self
@@ -104,28 +140,30 @@ impl JobArg {
             return Err(bad(format!("not an http(s) URL: {shown_url}")));
         }
         let headers = header_map(self.headers.unwrap_or_default()).map_err(bad)?;
-        let parts = self
+        let mut parts = self
             .parts
             .into_iter()
-            .map(|(index, offset, length, sha)| part_spec(index, offset, length, sha, self.size))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(bad)?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.path)
-            .map_err(|e| {
-                let failure = Failure {
-                    cause: Cause::File(e),
-                    path: self.path.clone(),
-                    offset: 0,
-                    length: self.size,
-                    job_index,
-                    part_index: parts.first().map_or(0, |p| p.index),
-                    url: shown_url.clone(),
-                    attempts: 1,
+            .map(|arg| {
+                let (index, offset, length, sha, kept) = match arg {
+                    PartArg::Kept(t) => t,
+                    PartArg::Plain((i, o, l, s)) => (i, o, l, s, 0),
                 };
-                failure.into_pyerr(py)
-            })?;
+                part_spec(index, offset, length, sha, kept, self.size)
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(&bad)?;
+        // File order: the whole-blob hash follows the transfer, and overlaps are refused.
+        parts.sort_by_key(|p| p.offset);
+        if let Some(w) = parts
+            .windows(2)
+            .find(|w| w[0].offset + w[0].length > w[1].offset)
+        {
+            return Err(bad(format!(
+                "parts {} and {} overlap",
+                w[0].index, w[1].index
+            )));
+        }
+        let whole = self.whole.map(whole_spec).transpose().map_err(&bad)?;
         Ok(Job {
             uri,
             shown_url,
@@ -133,7 +171,8 @@ impl JobArg {
             path: self.path,
             size: self.size,
             parts,
-            file,
+            whole,
+            record: self.record,
         })
     }
 }
@@ -155,11 +194,17 @@ fn part_spec(
     offset: u64,
     length: u64,
     sha256: Option<String>,
+    kept: u64,
     size: u64,
 ) -> Result<PartSpec, String> {
     if offset.checked_add(length).is_none_or(|end| end > size) {
         return Err(format!(
             "part {index} (bytes {offset}+{length}) lies outside the blob of {size} bytes"
+        ));
+    }
+    if kept > length {
+        return Err(format!(
+            "part {index}: {kept} kept bytes exceed its {length}"
         ));
     }
     let sha256 = sha256
@@ -170,21 +215,43 @@ fn part_spec(
         offset,
         length,
         sha256,
+        kept,
+    })
+}
+
+fn whole_spec((algorithm, hex): (String, String)) -> Result<WholeSpec, String> {
+    let algorithm =
+        Algorithm::parse(&algorithm).ok_or(format!("unknown whole-blob hash {algorithm:?}"))?;
+    let expected = parse_hex(&hex).ok_or(format!("bad whole-blob digest {hex:?}"))?;
+    let want = if algorithm == Algorithm::Sha256 {
+        32
+    } else {
+        20
+    };
+    if expected.len() != want {
+        return Err(format!("whole-blob digest {hex:?} has the wrong length"));
+    }
+    Ok(WholeSpec {
+        algorithm,
+        expected,
     })
 }
 
 /// 64 hex digits to 32 bytes, or None.
 pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    parse_hex(hex)?.try_into().ok()
+}
+
+/// An even number of hex digits to bytes, or None.
+pub fn parse_hex(hex: &str) -> Option<Vec<u8>> {
     let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
+    if !bytes.len().is_multiple_of(2) || !bytes.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let text = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(text, 16).ok()?;
-    }
-    Some(out)
+    bytes
+        .chunks_exact(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
 }
 
 pub fn to_hex(bytes: &[u8]) -> String {
@@ -206,8 +273,9 @@ mod tests {
 
     #[test]
     fn part_outside_the_blob_is_refused() {
-        assert!(part_spec(0, 10, 5, None, 12).is_err());
-        assert!(part_spec(0, u64::MAX, 5, None, 12).is_err());
-        assert!(part_spec(0, 7, 5, None, 12).is_ok());
+        assert!(part_spec(0, 10, 5, None, 0, 12).is_err());
+        assert!(part_spec(0, u64::MAX, 5, None, 0, 12).is_err());
+        assert!(part_spec(0, 7, 5, None, 0, 12).is_ok());
+        assert!(part_spec(0, 7, 5, None, 6, 12).is_err());
     }
 }

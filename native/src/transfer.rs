@@ -1,8 +1,10 @@
-//! The scheduler: `concurrency` workers take parts in order (blob by blob) from one shared queue,
-//! so at most that many ranged GETs are in flight across all blobs, over pooled connections.
+//! The scheduler: `concurrency` workers take parts in file order (blob by blob) from one shared
+//! queue, so at most that many ranged GETs are in flight across all blobs, over pooled connections,
+//! and each blob's whole hash (when asked for) follows its transfer closely.
+use std::collections::BTreeSet;
 use std::mem;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::task::JoinSet;
 
@@ -10,21 +12,39 @@ use crate::client::HttpClient;
 use crate::error::{Cause, Failure};
 use crate::part::fetch_part;
 use crate::spec::{Job, Options};
+use crate::whole::{Frontier, Verdict};
 
-/// What every worker shares: the client, the limits, and the counters Python polls.
+/// What every worker shares: the jobs, the client, the limits, and the state Python polls.
 pub struct Shared {
     pub client: HttpClient,
     pub options: Options,
+    pub jobs: Vec<Job>,
+    frontiers: Vec<Option<Frontier>>,
+    written: Vec<Vec<AtomicU64>>, // per job, per part: bytes on disk from the part's start
     bytes: AtomicU64,
     retries: AtomicU64,
     parts: AtomicU64,
-    done: Mutex<Vec<(usize, usize)>>,
+    news: Mutex<News>,
+}
+
+/// What happened since the last tick.
+#[derive(Default)]
+struct News {
+    done: Vec<(usize, usize)>,
+    active: BTreeSet<(usize, usize)>, // (job, position) of parts in progress
+    digests: Vec<(usize, usize, String)>,
+    verdicts: Vec<Verdict>,
 }
 
 /// Counters read by Python at each progress tick.
 pub struct Tick {
     pub bytes: u64,
     pub done: Vec<(usize, usize)>,
+    /// (job, part index, bytes on disk from its start) of every part in progress: a checkpoint.
+    pub written: Vec<(usize, usize, u64)>,
+    /// (job, part index, sha256 hex) of parts fetched with `record` and no digest of their own.
+    pub digests: Vec<(usize, usize, String)>,
+    pub verdicts: Vec<Verdict>,
 }
 
 pub struct Totals {
@@ -34,15 +54,46 @@ pub struct Totals {
 }
 
 impl Shared {
-    pub fn new(client: HttpClient, options: Options) -> Self {
+    pub fn new(client: HttpClient, options: Options, jobs: Vec<Job>) -> Self {
+        let frontiers = jobs
+            .iter()
+            .map(|job| {
+                job.whole
+                    .as_ref()
+                    .map(|w| Frontier::new(w, job.size, &job.parts))
+            })
+            .collect();
+        let written = jobs
+            .iter()
+            .map(|job| job.parts.iter().map(|p| AtomicU64::new(p.kept)).collect())
+            .collect();
         Shared {
             client,
             options,
+            jobs,
+            frontiers,
+            written,
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             parts: AtomicU64::new(0),
-            done: Mutex::new(Vec::new()),
+            news: Mutex::new(News::default()),
         }
+    }
+
+    pub fn frontier(&self, job_index: usize) -> Option<&Frontier> {
+        self.frontiers[job_index].as_ref()
+    }
+
+    pub fn record_written(&self, job_index: usize, position: usize, bytes: u64) {
+        self.written[job_index][position].store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn record_digest(&self, job_index: usize, part_index: usize, hex: String) {
+        self.news().digests.push((job_index, part_index, hex));
+    }
+
+    pub fn record_verdict(&self, verdict: Verdict) {
+        self.news().verdicts.push(verdict);
     }
 
     pub fn count_bytes(&self, n: u64) {
@@ -53,16 +104,36 @@ impl Shared {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn part_done(&self, job_index: usize, part_index: usize) {
-        self.parts.fetch_add(1, Ordering::Relaxed);
-        self.done_list().push((job_index, part_index));
+    fn part_started(&self, job_index: usize, position: usize) {
+        self.news().active.insert((job_index, position));
     }
 
-    /// Bytes written in total so far, and the parts finished since the last call.
+    fn part_done(&self, job_index: usize, position: usize) {
+        self.parts.fetch_add(1, Ordering::Relaxed);
+        let mut news = self.news();
+        news.active.remove(&(job_index, position));
+        news.done
+            .push((job_index, self.jobs[job_index].parts[position].index));
+    }
+
+    /// Bytes written in total so far, what finished since the last call, and a checkpoint of
+    /// every part in progress.
     pub fn take_tick(&self) -> Tick {
+        let mut news = self.news();
+        let written = news
+            .active
+            .iter()
+            .map(|&(j, p)| {
+                let bytes = self.written[j][p].load(Ordering::Relaxed);
+                (j, self.jobs[j].parts[p].index, bytes)
+            })
+            .collect();
         Tick {
             bytes: self.bytes.load(Ordering::Relaxed),
-            done: mem::take(&mut *self.done_list()),
+            done: mem::take(&mut news.done),
+            written,
+            digests: mem::take(&mut news.digests),
+            verdicts: mem::take(&mut news.verdicts),
         }
     }
 
@@ -74,32 +145,35 @@ impl Shared {
         }
     }
 
-    fn done_list(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize)>> {
-        // A worker never panics while holding the lock, and the list stays valid even if one did.
-        self.done
+    fn news(&self) -> MutexGuard<'_, News> {
+        // A worker never panics while holding the lock, and the lists stay valid even if one did.
+        self.news
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 /// Fetches every part of every job; on the first failure the other workers are cancelled
-/// (their requests dropped) and that failure is returned.
-pub async fn run(shared: Arc<Shared>, jobs: Arc<Vec<Job>>) -> Result<(), Box<Failure>> {
+/// (their requests dropped) and that failure is returned. A job whose bytes are all kept but whose
+/// whole hash is asked for is judged from disk.
+pub async fn run(shared: Arc<Shared>) -> Result<(), Box<Failure>> {
     let queue: Arc<Vec<(usize, usize)>> = Arc::new(
-        jobs.iter()
+        shared
+            .jobs
+            .iter()
             .enumerate()
             .flat_map(|(j, job)| (0..job.parts.len()).map(move |p| (j, p)))
             .collect(),
     );
+    judge_kept_jobs(&shared).await;
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
     for _ in 0..shared.options.concurrency.min(queue.len()) {
-        let (shared, jobs, queue, next) =
-            (shared.clone(), jobs.clone(), queue.clone(), next.clone());
-        workers.spawn(async move { worker(&shared, &jobs, &queue, &next).await });
+        let (shared, queue, next) = (shared.clone(), queue.clone(), next.clone());
+        workers.spawn(async move { worker(&shared, &queue, &next).await });
     }
     while let Some(joined) = workers.join_next().await {
-        let outcome = joined.unwrap_or_else(|e| Err(panicked(&jobs, e)));
+        let outcome = joined.unwrap_or_else(|e| Err(panicked(&shared.jobs, e)));
         if let Err(failure) = outcome {
             workers.abort_all();
             return Err(failure);
@@ -108,16 +182,24 @@ pub async fn run(shared: Arc<Shared>, jobs: Arc<Vec<Job>>) -> Result<(), Box<Fai
     Ok(())
 }
 
+async fn judge_kept_jobs(shared: &Arc<Shared>) {
+    for (j, job) in shared.jobs.iter().enumerate() {
+        if let Some(frontier) = shared.frontier(j).filter(|f| !f.has_parts()) {
+            let verdict = tokio::task::block_in_place(|| frontier.finish(j, &job.path));
+            shared.record_verdict(verdict);
+        }
+    }
+}
+
 async fn worker(
     shared: &Shared,
-    jobs: &[Job],
     queue: &[(usize, usize)],
     next: &AtomicUsize,
 ) -> Result<(), Box<Failure>> {
     while let Some(&(j, p)) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
-        let (job, part) = (&jobs[j], &jobs[j].parts[p]);
-        fetch_part(shared, j, job, part).await?;
-        shared.part_done(j, part.index);
+        shared.part_started(j, p);
+        fetch_part(shared, j, p).await?;
+        shared.part_done(j, p);
     }
     Ok(())
 }
