@@ -45,12 +45,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import ConfigError, NotFoundError, UsageError, VerificationError
+from agent.redact import redact_signing_logs, redact_url
+
+if TYPE_CHECKING:
+    from agent.store import Store
 from agent.settings import SIM_DATA_PREFIX, Settings
-from agent.store import Store, redact_signing_logs, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,8 @@ class SimDataStorage:
         self.settings = settings
         redact_signing_logs()
         if store is None and settings.storage_enabled:
+            from agent.store import Store  # boto3: loaded only by those who presign
+
             store = Store(settings)
         self._store = store
 

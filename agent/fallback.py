@@ -32,7 +32,6 @@ from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult, cache_lock, pull_from_store
 from agent.settings import Settings
 from agent.stage import scan_local, stage_from_cache
-from agent.store import Store
 from agent.verify import audit_cache
 
 # What "the bucket cannot deliver" means. Credentials, a missing bucket or a full disk are not in it:
@@ -220,6 +219,8 @@ def write_back_to_bucket(settings: Settings, opts: PullOptions, result: PullResu
     if not settings.storage_enabled:
         out.event("pull.write_back", "write-back skipped: object storage is off (MINIO_ENDPOINT is not set)")
         return
+    from agent.store import Store  # boto3, only for the write-back
+
     try:
         stage_from_cache(Store(settings), settings.hub_cache, opts.repo_id, opts.revision, out)
     except AgentError as exc:

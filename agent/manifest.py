@@ -6,10 +6,19 @@ Legacy buckets have none; `derive_legacy` rebuilds an equivalent one from the li
 Sidecar: `models--<org>--<name>/parts/<commit>.json`, written by `stage`:
 
     {"format_version": 1, "algorithm": "sha256", "part_size": 16777216,
-     "blobs": {"<blob name>": {"size": N, "parts": ["<sha256 of bytes [0, part_size)>", ...]}}}
+     "blobs": {"<blob name>": {"size": N, "sha256": "<sha256 of the whole blob>",
+                               "git_sha1": "<git blob sha1 of the whole blob>",
+                               "parts": ["<sha256 of bytes [0, part_size)>", ...]}}}
 
 Part i covers bytes [i * part_size, min(size, (i + 1) * part_size)). A downloader that uses the same part
 size can check each part as it lands and refetch only a bad one.
+
+`sha256` / `git_sha1` bind the part digests to the blob's identity: `stage` computes all of them in one
+read of the same bytes and refuses bytes that do not hash to their blob name. An entry whose recorded
+digest equals its blob name (sha256 for a 64-hex name, git sha1 for a 40-hex one) is *bound*: a blob all
+of whose parts match it is the blob, with no second pass over its bytes. An entry without them (older
+sidecars) or with another digest is not bound: its parts are still checked as they land, and the whole
+blob is hashed as well.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cache import BLOB_RE, safe_relpath
@@ -174,6 +183,7 @@ def derive_legacy(snapshot_files: Mapping[str, str], blob_sizes: Mapping[str, in
 class Sidecar:
     part_size: int
     parts: Mapping[str, tuple[str, ...]]  # blob name -> sha256 of each part
+    wholes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> {"sha256", "git_sha1"}
 
     def digests_for(self, blob_name: str, size: int) -> tuple[str, ...] | None:
         """The blob's part digests when they match its size, else None (then only the whole is checked)."""
@@ -182,8 +192,15 @@ class Sidecar:
             return None
         return digests
 
+    def is_bound(self, blob_name: str, size: int) -> bool:
+        """True when the part digests were computed from bytes that hash to the blob's own name."""
+        whole = self.wholes.get(blob_name, {})
+        named_by = "sha256" if HEX64.match(blob_name) else "git_sha1"
+        return whole.get(named_by) == blob_name and self.digests_for(blob_name, size) is not None
+
     def to_json(self, sizes: Mapping[str, int]) -> bytes:
-        blobs = {name: {"size": sizes[name], "parts": list(self.parts[name])} for name in sorted(self.parts)}
+        blobs = {name: {"size": sizes[name], **self.wholes.get(name, {}), "parts": list(self.parts[name])}
+                 for name in sorted(self.parts)}
         doc = {"format_version": FORMAT_VERSION, "algorithm": "sha256", "part_size": self.part_size,
                "blobs": blobs}
         return json.dumps(doc, indent=1).encode()
@@ -210,6 +227,7 @@ def parse_sidecar(data: bytes) -> Sidecar:
     if not isinstance(blobs, dict):
         raise ManifestError("part sidecar has no blobs object")
     parts: dict[str, tuple[str, ...]] = {}
+    wholes: dict[str, dict[str, str]] = {}
     for name, info in blobs.items():
         digests = info.get("parts") if isinstance(info, dict) else None
         if not BLOB_RE.match(str(name)) or not isinstance(digests, list):
@@ -217,4 +235,18 @@ def parse_sidecar(data: bytes) -> Sidecar:
         if not all(isinstance(d, str) and HEX64.match(d) for d in digests):
             raise ManifestError(f"part sidecar entry {name[:12]} has a malformed digest")
         parts[name] = tuple(digests)
-    return Sidecar(part_size, parts)
+        whole = _whole_digests(name, info)
+        if whole:
+            wholes[name] = whole
+    return Sidecar(part_size, parts, wholes)
+
+
+def _whole_digests(name: str, info: dict[str, Any]) -> dict[str, str]:
+    found = {}
+    for key, pattern in (("sha256", HEX64), ("git_sha1", HEX40)):
+        value = info.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not pattern.match(value):
+                raise ManifestError(f"part sidecar entry {name[:12]} has a malformed {key}")
+            found[key] = value
+    return found

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import IO, Any
 
-from agent.store import redact_url
+from agent.redact import redact_url
 
 
 def _scrub(value: Any) -> Any:

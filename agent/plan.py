@@ -1,9 +1,14 @@
 """From the manifest and what is already valid on disk to the byte ranges still to fetch.
 
-A partial blob lives in `blobs/<name>.simswarm.part` with a state file `blobs/<name>.simswarm.json`
-(`{"size", "part_size", "done": [part indices]}`) written after each part lands. On resume, claimed
-parts are re-hashed against the sidecar and only good ones are kept; without a sidecar they are kept and
-the whole-blob check decides (a failure there refetches the blob).
+A partial blob lives in `blobs/<name>.simswarm.part` with a checkpoint `blobs/<name>.simswarm.json`:
+`{"size": N, "have": [[start, end], ...]}`, the byte ranges known to be on disk (written, not yet
+verified). The orchestration rewrites it a few times a second from the engine's reports, without fsync (a
+killed process keeps the page cache), so a SIGKILL loses a fraction of a second of transfer. The ranges
+are bytes, not part numbers, so a rerun with another `--concurrency` or on another machine keeps them.
+
+On resume each part keeps the bytes at its start that the checkpoint covers (`Part.kept`) and fetches the
+rest; the engine re-reads the kept bytes into the part's digest when the sidecar has one, so a kept byte
+is checked exactly like a fetched one. Without a sidecar the whole-blob hash decides.
 """
 
 from __future__ import annotations
@@ -21,13 +26,46 @@ import psutil
 from agent.cache import RepoCache, atomic_write
 from agent.engines.base import BlobJob, Limits, Part
 from agent.errors import DiskFullError
-from agent.manifest import FileEntry, Sidecar, part_ranges
+from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
-from agent.verify import good_parts
 
 MIN_PART = 8 << 20
 MAX_PART = 64 << 20
 DISK_MARGIN = 64 << 20
+
+
+class Extents:
+    """Sorted, disjoint byte ranges [start, end) of one file."""
+
+    def __init__(self, ranges: list[tuple[int, int]] | None = None) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        for start, end in ranges or []:
+            self.add(start, end)
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        merged = []
+        for s, e in self.ranges:
+            if e < start or s > end:
+                merged.append((s, e))
+            else:
+                start, end = min(s, start), max(e, end)
+        merged.append((start, end))
+        self.ranges = sorted(merged)
+
+    def prefix(self, offset: int, length: int) -> int:
+        """How many bytes from `offset` on (at most `length`) the ranges cover without a gap."""
+        for s, e in self.ranges:
+            if s <= offset < e:
+                return min(length, e - offset)
+        return 0
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self.ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
 
 
 @dataclass
@@ -35,12 +73,14 @@ class BlobPlan:
     name: str
     entry: FileEntry
     part_size: int
-    missing: list[Part]
+    missing: list[Part]  # parts with bytes to fetch or kept bytes to re-check
     digests: tuple[str, ...] | None = None
+    bound: bool = False  # the part digests are bound to the blob's identity (see agent.manifest)
+    kept: Extents = field(default_factory=Extents)
 
     @property
     def bytes_missing(self) -> int:
-        return sum(p.length for p in self.missing)
+        return sum(p.length - p.kept for p in self.missing)
 
 
 @dataclass
@@ -60,45 +100,54 @@ def size_limits(concurrency: int | None = None) -> Limits:
     return Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
 
 
-def choose_part_size(size: int, concurrency: int, sidecar: Sidecar | None) -> int:
-    """The sidecar's part size when it has one (parts can then be checked as they land), else a size
-    that gives each connection a few parts of a large file, within 8-64 MiB."""
-    if sidecar is not None:
-        return sidecar.part_size
-    target = size // max(1, 2 * concurrency)
-    return max(MIN_PART, min(MAX_PART, target))
+def choose_part_size(size: int, sidecar: Sidecar | None) -> int:
+    """The sidecar's part size when it has one (parts can then be checked as they land), else a fixed
+    size: parts do not follow the stream count, so neither a checkpoint nor a repair depends on it."""
+    return sidecar.part_size if sidecar is not None else DEFAULT_PART_SIZE
 
 
-def read_part_state(cache: RepoCache, name: str, size: int, part_size: int) -> set[int]:
+def read_part_state(cache: RepoCache, name: str, size: int) -> Extents:
+    """The byte ranges a checkpoint says are on disk; none when it does not fit the partial file.
+    A checkpoint of the earlier format (`part_size` and finished part indices) is read as ranges."""
     try:
         state = json.loads(cache.part_state_path(name).read_text())
-        if state.get("size") != size or state.get("part_size") != part_size:
-            return set()
-        if cache.part_path(name).stat().st_size != size:
-            return set()
-        return {int(i) for i in state.get("done", [])}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return set()
+        if state.get("size") != size or cache.part_path(name).stat().st_size != size:
+            return Extents()
+        if "have" in state:
+            ranges = [(int(s), int(e)) for s, e in state["have"]]
+        else:
+            part_size = int(state["part_size"])
+            ranges = [(i * part_size, min(size, (i + 1) * part_size)) for i in map(int, state["done"])]
+        if any(s < 0 or e > size or s > e for s, e in ranges):
+            return Extents()
+        return Extents(ranges)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return Extents()
 
 
-def write_part_state(cache: RepoCache, name: str, size: int, part_size: int, done: set[int]) -> None:
-    # Not fsynced: a crash keeps the page cache, and parts are re-verified on resume anyway.
-    state = {"size": size, "part_size": part_size, "done": sorted(done)}
+def write_part_state(cache: RepoCache, name: str, size: int, have: Extents) -> None:
+    # Not fsynced: a crash keeps the page cache, and kept bytes are re-verified on resume anyway.
+    state = {"size": size, "have": [list(r) for r in have.ranges]}
     atomic_write(cache.part_state_path(name), json.dumps(state).encode(), durable=False)
 
 
-def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | None,
-              concurrency: int) -> BlobPlan:
-    part_size = choose_part_size(entry.size, concurrency, sidecar)
-    digests = sidecar.digests_for(name, entry.size) if sidecar else None
-    claimed = read_part_state(cache, name, entry.size, part_size)
-    if claimed and sidecar is not None and digests is not None:
-        claimed = good_parts(cache.part_path(name), name, entry.size, sidecar, claimed)
-    missing = [Part(i, off, length, digests[i] if digests else None)
-               for i, off, length in part_ranges(entry.size, part_size) if i not in claimed]
-    if not claimed:
+def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | None, *,
+              check_parts: bool = True, resume: bool = True) -> BlobPlan:
+    """The parts of one blob still to fetch. `check_parts`: hand the sidecar's part digests to the
+    engine; `resume`: keep what the checkpoint says is on disk (else start over)."""
+    part_size = choose_part_size(entry.size, sidecar)
+    digests = sidecar.digests_for(name, entry.size) if sidecar and check_parts else None
+    bound = digests is not None and sidecar is not None and sidecar.is_bound(name, entry.size)
+    kept = read_part_state(cache, name, entry.size) if resume else Extents()
+    if not kept:
         discard_partial(cache, name)
-    return BlobPlan(name, entry, part_size, missing, digests)
+    missing = []
+    for i, offset, length in part_ranges(entry.size, part_size):
+        digest = digests[i] if digests else None
+        have = kept.prefix(offset, length)
+        if have < length or digest is not None:  # a kept part with a digest is re-checked, not refetched
+            missing.append(Part(i, offset, length, digest, have))
+    return BlobPlan(name, entry, part_size, missing, digests, bound, kept)
 
 
 def discard_partial(cache: RepoCache, name: str) -> None:

@@ -15,23 +15,34 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from agent.cache import RepoCache, is_commit
 from agent.clean import clean_stale
 from agent.engines import pick_engine
-from agent.engines.base import BlobJob, Engine, Limits, Part
+from agent.engines.base import BlobJob, Engine, Limits, Part, TransferHooks
 from agent.errors import VerificationError
-from agent.manifest import part_count
+from agent.manifest import FileEntry, part_count, part_ranges
 from agent.output import Output, Progress, human_bytes
-from agent.plan import Plan, blob_jobs, check_disk, discard_partial, plan_blob, size_limits, write_part_state
+from agent.plan import (
+    BlobPlan,
+    Extents,
+    Plan,
+    blob_jobs,
+    check_disk,
+    discard_partial,
+    plan_blob,
+    size_limits,
+    write_part_state,
+)
 from agent.remote import RemoteRepo, StagedSnapshot
+from agent.s3read import ObjectReader, open_reader
 from agent.settings import Settings
-from agent.store import Store
 from agent.verify import StreamingCheck, check_content
 
 URL_EXPIRY = 6 * 3600  # a slow pull of a large model must not outlive its URLs
@@ -101,90 +112,177 @@ def cache_lock(cache: RepoCache, out: Output) -> Iterator[None]:
         os.close(fd)
 
 
-class Finisher:
-    """Tracks parts per blob; verifies and renames each blob once its last part lands, in threads."""
+REPAIR_ROUNDS = 6  # reads of a blob without part digests, at most, before its bytes are judged corrupt
+CHECKPOINT_SECONDS = 0.25  # how often progress inside parts is saved for a rerun after SIGKILL
 
-    def __init__(self, cache: RepoCache, plan: Plan, full: bool, workers: int = 2) -> None:
+
+@dataclass(frozen=True)
+class CheckPolicy:
+    """How the blobs of one transfer are checked. `full`: content, not only sizes; `rehash`: hash whole
+    blobs even when their bound part digests already prove them; `record`: have the engine report the
+    sha256 of every part it reads (repair); `keep_failed`: a blob that fails keeps its bytes on disk."""
+
+    full: bool
+    rehash: bool = False
+    record: bool = False
+    keep_failed: bool = False
+
+
+def whole_digest(entry: FileEntry) -> tuple[str, str]:
+    """The digest that names a blob, as the engines take it."""
+    return ("sha256", entry.lfs_sha256) if entry.lfs_sha256 else ("git-sha1", entry.blob_id)
+
+
+class Finisher:
+    """Follows every planned blob through the transfer: saves checkpoints of its bytes as they land,
+    has it checked (by its bound part digests, by the engine's whole hash, or by hashing it here for an
+    engine that cannot), and gives it its final name once the check passed."""
+
+    def __init__(self, cache: RepoCache, plan: Plan, engine: Engine, policy: CheckPolicy,
+                 workers: int = 2) -> None:
         self.cache = cache
-        self.full = full
+        self.policy = policy
+        self.engine = engine
         self.blobs = {b.name: b for b in plan.to_fetch}
-        self.remaining = {b.name: {p.index for p in b.missing if p.length > 0} for b in plan.to_fetch}
-        # Parts not in the plan were kept from an earlier run: they count as done in the state file.
-        self.done = {b.name: set(range(part_count(b.entry.size, b.part_size))) - {p.index for p in b.missing}
+        # An empty part has nothing to fetch or check (engines may not even report it).
+        self.remaining = {b.name: {p.index for p in b.missing if p.length} for b in plan.to_fetch}
+        self.have = {b.name: Extents(b.kept.ranges) for b in plan.to_fetch}
+        self.whole = {b.name for b in plan.to_fetch if self._needs_whole(b)}
+        # Parts not in the plan were kept whole from an earlier run: they count as done.
+        self.done = {b.name: set(range(part_count(b.entry.size, b.part_size))) - self.remaining[b.name]
                      for b in plan.to_fetch}
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="verify")
         self.futures: dict[str, Future[str | None]] = {}
-        self.checks = {b.name: StreamingCheck(cache.part_path(b.name), b.entry, b.part_size)
-                       for b in plan.to_fetch} if full else {}
+        self.problems: dict[str, str] = {}
+        self.finished: set[str] = set()
+        self.dirty: set[str] = set()
+        self.flushed = time.monotonic()
+        self.lock = threading.Lock()  # a checkpoint is never written after its blob got its name
+        self.checks = {name: StreamingCheck(cache.part_path(name), self.blobs[name].entry,
+                                            self.blobs[name].part_size)
+                       for name in self.whole if not engine.hashes_blobs}
+
+    def _needs_whole(self, blob: BlobPlan) -> bool:
+        proven_by_parts = blob.bound and self.engine.checks_parts and not self.policy.rehash
+        return self.policy.full and (not proven_by_parts or self.policy.record)
+
+    def job(self, job: BlobJob) -> BlobJob:
+        """The job as the engine must run it: with the blob's digest when the engine hashes it."""
+        if job.blob_name in self.whole and self.engine.hashes_blobs:
+            job = replace(job, whole=whole_digest(self.blobs[job.blob_name].entry))
+        return replace(job, record=self.policy.record)
+
+    def hooks(self, on_digest: Callable[[BlobJob, Part, str], None] | None = None) -> TransferHooks:
+        return TransferHooks(on_written=self.on_written, on_digest=on_digest, on_verdict=self.on_verdict)
 
     def start_ready(self) -> None:
-        """Blobs with nothing left to fetch (resumed complete, or empty) are finished at once."""
+        """Blobs with nothing left to fetch (resumed complete, or empty) are finished at once, unless
+        the engine judges them (it hashes their kept bytes itself)."""
         for name, left in self.remaining.items():
-            if not left:
+            if not left and not (name in self.whole and self.engine.hashes_blobs):
                 self.futures[name] = self.pool.submit(self.finalize, name)
+
+    def on_written(self, job: BlobJob, part: Part, written: int) -> None:
+        if job.blob_name not in self.finished:
+            self.have[job.blob_name].add(part.offset, part.offset + written)
+            self.dirty.add(job.blob_name)
+            self.save_checkpoints()
 
     def on_part_done(self, job: BlobJob, part: Part) -> None:
         name = job.blob_name
         self.done[name].add(part.index)
         self.remaining[name].discard(part.index)
-        blob = self.blobs[name]
-        write_part_state(self.cache, name, blob.entry.size, blob.part_size, self.done[name])
+        if name in self.finished:
+            return
+        self.have[name].add(part.offset, part.offset + part.length)
+        self.dirty.add(name)
         if not self.remaining[name] and name not in self.futures:
-            self.futures[name] = self.pool.submit(self.finalize, name)
-        elif name in self.checks:
+            if not (name in self.whole and self.engine.hashes_blobs):  # else its verdict finishes it
+                self.futures[name] = self.pool.submit(self.finalize, name)
+            return
+        if name in self.checks:
             self.pool.submit(self.checks[name].advance, frozenset(self.done[name]))
+        # A finished part is saved at once (a blob about to get its name needs no checkpoint); progress
+        # inside parts is saved a few times a second.
+        self.save_checkpoints(force=bool(self.remaining[name]))
+
+    def on_verdict(self, job: BlobJob, problem: str | None) -> None:
+        self.problems.pop(job.blob_name, None)
+        self.give_name(job.blob_name, problem)
+
+    def save_checkpoints(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.flushed < CHECKPOINT_SECONDS:
+            return
+        self.flushed = now
+        with self.lock:
+            for name in self.dirty - self.finished:
+                write_part_state(self.cache, name, self.blobs[name].entry.size, self.have[name])
+            self.dirty.clear()
 
     def finalize(self, name: str) -> str | None:
-        part = self.cache.part_path(name)
+        """In a verify thread: the blob's check where this process makes it, then its final name."""
         check = self.checks.get(name)
-        problem = check.result() if check else check_content(part, self.blobs[name].entry, full=False)
+        entry = self.blobs[name].entry
+        problem = check.result() if check else check_content(self.cache.part_path(name), entry, full=False)
+        return self.give_name(name, problem)
+
+    def give_name(self, name: str, problem: str | None) -> str | None:
+        with self.lock:
+            self.finished.add(name)
         if problem is not None:
-            discard_partial(self.cache, name)
+            self.problems[name] = problem
+            if not self.policy.keep_failed:
+                discard_partial(self.cache, name)
             return problem
-        os.replace(part, self.cache.blob_path(name))
+        os.replace(self.cache.part_path(name), self.cache.blob_path(name))
         with contextlib.suppress(FileNotFoundError):
             self.cache.part_state_path(name).unlink()
-        if self.full:
+        if self.policy.full:
             self.cache.remember_verified(name)
         return None
 
     def failures(self) -> dict[str, str]:
         """Wait for every verification; blob name -> problem for those that failed."""
-        problems = {}
-        for name, future in self.futures.items():
-            problem = future.result()
-            if problem is not None:
-                problems[name] = problem
-        return problems
+        for future in self.futures.values():
+            future.result()
+        for name in self.blobs:
+            if name not in self.finished:
+                self.problems[name] = "the engine reported no verdict on it"
+        return dict(self.problems)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.save_checkpoints(force=True)
 
 
-def make_plan(cache: RepoCache, snap: StagedSnapshot, valid: set[str], limits: Limits) -> Plan:
+def make_plan(cache: RepoCache, snap: StagedSnapshot, valid: set[str], engine: Engine,
+              check_parts: bool) -> Plan:
     plan = Plan()
     for name, entry in snap.manifest.blobs().items():
         if name in valid:
             plan.present.append(name)
             discard_partial(cache, name)
         else:
-            plan.to_fetch.append(plan_blob(cache, name, entry, snap.sidecar, limits.concurrency))
+            plan.to_fetch.append(plan_blob(cache, name, entry, snap.sidecar, check_parts=check_parts,
+                                           resume=engine.resumes_in_parts))
     return plan
 
 
-def transfer(store: Store, cache: RepoCache, snap: StagedSnapshot, plan: Plan, engine: Engine,
-             limits: Limits, full: bool, out: Output) -> dict[str, str]:
+def transfer(store: ObjectReader, cache: RepoCache, snap: StagedSnapshot, plan: Plan, engine: Engine,
+             limits: Limits, policy: CheckPolicy, out: Output,
+             on_digest: Callable[[BlobJob, Part, str], None] | None = None) -> dict[str, str]:
     """Fetch and verify every planned blob; returns the blobs that failed verification."""
     keys = {b.name: snap.sources[b.name] for b in plan.to_fetch}
     urls = {name: store.presign(key, expires=URL_EXPIRY) for name, key in keys.items()}
     cache.ensure_dirs()
-    jobs = blob_jobs(cache, plan, urls, keys)
-    finisher = Finisher(cache, plan, full)
+    finisher = Finisher(cache, plan, engine, policy)
+    jobs = [finisher.job(j) for j in blob_jobs(cache, plan, urls, keys)]
     progress = Progress(out, plan.bytes_to_fetch)
     try:
         finisher.start_ready()
-        engine.fetch([j for j in jobs if any(p.length for p in j.parts)], limits, progress,
-                     finisher.on_part_done)
+        wanted = [j for j in jobs if j.parts or j.whole]
+        engine.fetch(wanted, limits, progress, finisher.on_part_done, finisher.hooks(on_digest))
         return finisher.failures()
     finally:
         progress.close()
@@ -205,7 +303,7 @@ def place(cache: RepoCache, snap: StagedSnapshot, revision: str) -> Path:
 
 def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullResult:
     started = time.monotonic()
-    store = Store(settings)
+    store = open_reader(settings)
     cache = RepoCache(settings.hub_cache, opts.repo_id)
     engine = pick_engine(opts.engine, settings)
     limits = size_limits(opts.concurrency)
@@ -222,7 +320,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
                               keep_partials=set(snap.manifest.blobs()),
                               log=lambda m: out.event("pull.clean", m))  # 3. clean
-        plan = make_plan(cache, snap, cleaned.valid_blobs, limits)  # 4. plan
+        plan = make_plan(cache, snap, cleaned.valid_blobs, engine, check_parts=opts.full)  # 4. plan
         result.blobs_present = len(plan.present)
         if plan.to_fetch:
             check_disk(cache, plan)
@@ -242,22 +340,80 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
     return result
 
 
-def fetch_verified(store: Store, cache: RepoCache, snap: StagedSnapshot, plan: Plan, engine: Engine,
+def fetch_verified(store: ObjectReader, cache: RepoCache, snap: StagedSnapshot, plan: Plan, engine: Engine,
                    limits: Limits, opts: PullOptions, out: Output) -> tuple[int, int]:
-    """Transfer, then one repair round that refetches any blob whose check failed from scratch."""
+    """Transfer, then repair: a blob whose check failed is fetched again, by agreeing reads when it has
+    no part digests and the engine can report them, else once from scratch."""
+    policy = CheckPolicy(full=opts.full, rehash=opts.rehash)
     fetched_bytes = plan.bytes_to_fetch
-    failures = transfer(store, cache, snap, plan, engine, limits, opts.full, out)
-    if failures:
-        for name, problem in failures.items():
-            out.event("pull.repair", f"blob {name[:12]} failed its check ({problem}); fetching it again",
-                      blob=name, problem=problem)
-        retry = Plan(to_fetch=[plan_blob(cache, b.name, b.entry, snap.sidecar, limits.concurrency)
-                               for b in plan.to_fetch if b.name in failures])
+    failures = transfer(store, cache, snap, plan, engine, limits, policy, out)
+    for name, problem in failures.items():
+        out.event("pull.repair", f"blob {name[:12]} failed its check ({problem}); fetching it again",
+                  blob=name, problem=problem)
+    failed = [b for b in plan.to_fetch if b.name in failures]
+    by_reads = [b for b in failed if b.digests is None and engine.records_digests and opts.full]
+    if by_reads:
+        repaired, more = repair_by_reads(store, cache, snap, by_reads, engine, limits, out)
+        fetched_bytes += more
+        for name in repaired:
+            failures.pop(name)
+    again = [b for b in failed if b not in by_reads]
+    if again:
+        retry = Plan(to_fetch=[plan_blob(cache, b.name, b.entry, snap.sidecar, check_parts=opts.full,
+                                         resume=False) for b in again])
         fetched_bytes += retry.bytes_to_fetch
-        failures = transfer(store, cache, snap, retry, engine, limits, opts.full, out)
+        for blob in again:
+            failures.pop(blob.name)
+        failures.update(transfer(store, cache, snap, retry, engine, limits, policy, out))
     if failures:
         name, problem = next(iter(failures.items()))
         raise VerificationError(
             f"blob {name[:12]} of {snap.repo_id} still fails its check after a refetch: {problem}",
             hint="the staged object is corrupt; re-stage the model")
     return fetched_bytes, len(plan.to_fetch)
+
+
+def repair_by_reads(store: ObjectReader, cache: RepoCache, snap: StagedSnapshot, blobs: list[BlobPlan],
+                    engine: Engine, limits: Limits, out: Output) -> tuple[set[str], int]:
+    """Blobs without part digests that failed their hash: read them again part by part, keeping each
+    read's sha256, and accept a part once two reads of it agree; only parts still in dispute are read
+    again, and the whole hash is re-checked each round. A blob all of whose parts agree while its hash
+    still fails is corrupt in the bucket (returned as not repaired). Returns (repaired, bytes read)."""
+    reads: dict[str, dict[int, list[str]]] = {b.name: {} for b in blobs}
+    disputed = {b.name: [p for _, p in _all_parts(b)] for b in blobs}
+    repaired: set[str] = set()
+    fetched = 0
+
+    def on_digest(job: BlobJob, part: Part, digest: str) -> None:
+        reads[job.blob_name].setdefault(part.index, []).append(digest)
+
+    policy = CheckPolicy(full=True, record=True, keep_failed=True)
+    for _ in range(REPAIR_ROUNDS):
+        todo = [replace(b, missing=disputed[b.name], kept=Extents()) for b in blobs
+                if b.name not in repaired and disputed[b.name]]
+        if not todo:
+            break
+        round_plan = Plan(to_fetch=todo)
+        fetched += round_plan.bytes_to_fetch
+        failures = transfer(store, cache, snap, round_plan, engine, limits, policy, out, on_digest)
+        for blob in todo:
+            if blob.name not in failures:
+                repaired.add(blob.name)
+                out.event("pull.repaired", f"blob {blob.name[:12]} verified after reads that agree",
+                          blob=blob.name)
+                continue
+            disputed[blob.name] = [p for i, p in _all_parts(blob) if not _agreed(reads[blob.name].get(i))]
+    for blob in blobs:
+        if blob.name not in repaired:
+            discard_partial(cache, blob.name)
+    return repaired, fetched
+
+
+def _all_parts(blob: BlobPlan) -> list[tuple[int, Part]]:
+    ranges = part_ranges(blob.entry.size, blob.part_size)
+    return [(i, Part(i, offset, length)) for i, offset, length in ranges]
+
+
+def _agreed(digests: list[str] | None) -> bool:
+    """The last read of a part (the bytes now on disk) matches an earlier read of it."""
+    return digests is not None and len(digests) > 1 and digests[-1] in digests[:-1]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from agent.cache import BLOB_RE, check_repo_id, check_revision, is_commit, repo_folder_name, safe_relpath
 from agent.errors import ManifestError, NotFoundError, UnsafePathError, UsageError, VerificationError
 from agent.manifest import Manifest, Sidecar, derive_legacy, parse_manifest, parse_sidecar
+from agent.s3read import ObjectInfo, ObjectReader
 from agent.settings import MODELS_PREFIX
-from agent.store import ObjectInfo, Store
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def repo_id_from_folder(folder: str) -> str | None:
 
 
 class RemoteRepo:
-    def __init__(self, store: Store, repo_id: str) -> None:
+    def __init__(self, store: ObjectReader, repo_id: str) -> None:
         self.store = store
         self.repo_id = repo_id
         self.prefix = f"{MODELS_PREFIX}{repo_folder_name(repo_id)}/"
@@ -64,22 +64,27 @@ class RemoteRepo:
     def listing(self) -> list[ObjectInfo]:
         return list(self.store.list_objects(self.prefix))
 
-    def refs(self, listing: list[ObjectInfo]) -> dict[str, str]:
-        """revision -> commit for every ref object; a ref that is not 40 hex is refused."""
+    def refs(self, listing: list[ObjectInfo], only: str | None = None) -> dict[str, str]:
+        """revision -> commit for every ref object (or the one named `only`), read at once; a ref that
+        is not 40 hex is refused."""
+        keys = {obj.key[len(self.prefix) + 5:]: obj.key for obj in listing
+                if obj.key[len(self.prefix):].startswith("refs/")}
+        if only is not None:
+            keys = {only: keys[only]} if only in keys else {}
         found = {}
-        for obj in listing:
-            rel = obj.key[len(self.prefix):]
-            if rel.startswith("refs/"):
-                text = self.store.get_bytes(obj.key, limit=1024).decode("utf-8", "replace").strip()
-                if not is_commit(text):
-                    raise ManifestError(f"ref {rel[5:]!r} of {self.repo_id} does not hold a 40-hex commit")
-                found[rel[5:]] = text
+        for key, data in self.store.get_many(keys.values()).items():
+            text = data[:1024].decode("utf-8", "replace").strip()
+            name = key[len(self.prefix) + 5:]
+            if not is_commit(text):
+                raise ManifestError(f"ref {name!r} of {self.repo_id} does not hold a 40-hex commit")
+            found[name] = text
         return found
 
     def resolve(self, revision: str, listing: list[ObjectInfo]) -> str:
         if is_commit(revision):
             return revision
-        commit = self.refs(listing).get(check_revision(revision))
+        revision = check_revision(revision)
+        commit = self.refs(listing, only=revision).get(revision)
         if commit is None:
             raise NotFoundError(f"{self.repo_id}@{revision} is not staged in bucket {self.store.bucket!r}")
         return commit
@@ -93,8 +98,9 @@ class RemoteRepo:
         snapshot = self._snapshot_objects(commit, listing)
         blob_base = self.key("blobs", "")
         blobs = {k[len(blob_base):]: o for k, o in by_key.items() if k.startswith(blob_base)}
-        if self.tree_key(commit) in by_key:
-            manifest = parse_manifest(self.store.get_bytes(self.tree_key(commit)))
+        small = self.store.get_many(k for k in (self.tree_key(commit), self.parts_key(commit)) if k in by_key)
+        if self.tree_key(commit) in small:
+            manifest = parse_manifest(small[self.tree_key(commit)])
             form = "legacy" if snapshot else "compact"
         elif snapshot:
             manifest = derive_legacy(match_snapshot_to_blobs(snapshot, blobs),
@@ -102,9 +108,7 @@ class RemoteRepo:
             form = "legacy"
         else:
             raise NotFoundError(f"{self.repo_id}@{commit[:12]} has neither a manifest nor snapshot objects")
-        sidecar = None
-        if self.parts_key(commit) in by_key:
-            sidecar = parse_sidecar(self.store.get_bytes(self.parts_key(commit)))
+        sidecar = parse_sidecar(small[self.parts_key(commit)]) if self.parts_key(commit) in small else None
         sources = self._sources(manifest, blobs, snapshot)
         return StagedSnapshot(self.repo_id, commit, manifest, sources, sidecar, form)
 
@@ -173,7 +177,7 @@ class StagedSummary:
     form: str
 
 
-def staged_models(store: Store) -> list[StagedSummary]:
+def staged_models(store: ObjectReader) -> list[StagedSummary]:
     """One row per (model, ref) staged under models/hf-cache/, compact or legacy. A damaged model gets
     one row saying so instead of hiding every other model behind its error."""
     rows = []

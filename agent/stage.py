@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cache import RepoCache, check_revision, is_commit
 from agent.errors import NotFoundError, VerificationError
@@ -17,8 +18,10 @@ from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest, Sidecar, chec
 from agent.manifest import git_blob_sha1 as _git_sha1
 from agent.output import Output, Progress, human_bytes
 from agent.remote import RemoteRepo
-from agent.store import Store
 from agent.verify import BlobDigests, digest_blob
+
+if TYPE_CHECKING:
+    from agent.store import Store
 
 SHA256_META = "sha256"
 
@@ -115,7 +118,9 @@ def stage_from_cache(store: Store, hub_cache: Path, repo_id: str, revision: str,
     progress.close()
 
     # 2. sidecar and manifest, then 3. the ref last, so a reader never sees a ref to half a model
-    sidecar = Sidecar(part_size, {name: d.parts for name, d in digests.items()})
+    # The whole digests bind the part digests to the blob's identity (scan_local checked the name).
+    sidecar = Sidecar(part_size, {name: d.parts for name, d in digests.items()},
+                      {name: {"sha256": d.sha256, "git_sha1": d.git_sha1} for name, d in digests.items()})
     sizes = {name: d.size for name, d in digests.items()}
     small = [(remote.parts_key(commit), sidecar.to_json(sizes)),
              (remote.tree_key(commit), manifest.to_json())]

@@ -7,12 +7,11 @@ boto3 does the signing (SigV4, path-style, as MinIO expects). Every botocore fai
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -26,8 +25,13 @@ from agent.errors import (
     NotFoundError,
     StorageUnavailableError,
 )
+from agent.redact import SIGNING_LOGGERS, RedactSignatures, redact_signing_logs, redact_url, scrub_queries
 from agent.retry import backoff_delay
+from agent.s3read import ObjectInfo
 from agent.settings import Settings
+
+__all__ = ["SIGNING_LOGGERS", "ObjectInfo", "RedactSignatures", "Store", "redact_signing_logs", "redact_url",
+           "scrub_queries", "translate"]
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -38,45 +42,6 @@ log = logging.getLogger(__name__)
 UPLOAD_CONFIG = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
-    etag: str = ""
-
-
-# Third-party DEBUG records that carry a SigV4 signature: botocore logs every signature it computes (with the
-# canonical request, enough to rebuild a presigned URL) and the Authorization header it sends; urllib3 logs
-# each request line, query string included. Our own records only ever hold `redact_url(url)`.
-SIGNING_LOGGERS: Final = ("botocore.auth", "botocore.endpoint", "urllib3.connectionpool")
-_SIGNATURE = re.compile(r"(Signature(?:=|:\s*))[0-9a-fA-F]{16,}")
-
-
-class RedactSignatures(logging.Filter):
-    """Rewrites a record's message with every signature value replaced by `<redacted>`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed third-party record: leave it to logging's own error path
-            return True
-        redacted = _SIGNATURE.sub(r"\1<redacted>", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_REDACTOR = RedactSignatures()
-
-
-def redact_signing_logs() -> None:
-    """Attach the redaction filter to the loggers that would print signatures (idempotent)."""
-    for name in SIGNING_LOGGERS:
-        logger = logging.getLogger(name)
-        if _REDACTOR not in logger.filters:
-            logger.addFilter(_REDACTOR)
 
 
 def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
@@ -210,6 +175,14 @@ class Store:
                 time.sleep(backoff_delay(attempt, 0.2, 2.0))
         raise AssertionError("unreachable")
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """Several small objects at once (the client is thread-safe)."""
+        wanted = list(dict.fromkeys(keys))
+        if len(wanted) < 2:
+            return {key: self.get_bytes(key) for key in wanted}
+        with ThreadPoolExecutor(len(wanted), thread_name_prefix="metadata") as pool:
+            return dict(zip(wanted, pool.map(self.get_bytes, wanted), strict=True))
+
     def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
                   content_type: str = "application/octet-stream") -> None:
         self._call(key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data,
@@ -238,15 +211,3 @@ class Store:
             raise translate(exc, key) from None
         return url
 
-
-_QUERY_IN_TEXT = re.compile(r"\?[^\s'\")]*")
-
-
-def scrub_queries(text: str, replacement: str = "?<redacted>") -> str:
-    """Every query string inside `text` (an error message naming a presigned URL) replaced."""
-    return _QUERY_IN_TEXT.sub(replacement, text)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its query string, safe for logs."""
-    return url.split("?", 1)[0]

@@ -22,8 +22,8 @@ import urllib3
 
 from agent.artifacts import InvalidArtifactRequest, redact_signing_logs, validate_artifact_name
 from agent.errors import ConfigError
+from agent.redact import redact_url, scrub_queries
 from agent.retry import backoff_delay
-from agent.store import redact_url, scrub_queries
 
 CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8"}
 RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))

@@ -9,8 +9,8 @@ from typing import Any
 
 from agent.output import Output, human_bytes
 from agent.remote import staged_models
+from agent.s3read import open_reader
 from agent.settings import Settings
-from agent.store import Store
 
 
 def add_parser(sub: Any) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    store = Store(settings)
+    store = open_reader(settings)
     store.check_bucket()
     rows = staged_models(store)
     if args.json:

@@ -9,7 +9,6 @@ from typing import Any
 from agent.output import Output
 from agent.settings import Settings
 from agent.stage import download_from_hub, stage_from_cache
-from agent.store import Store
 
 
 def add_parser(sub: Any) -> None:
@@ -26,6 +25,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from agent.store import Store  # boto3: uploads need the SDK, and only this command pays for it
+
     hub_cache = args.from_cache or settings.hub_cache
     store = Store(settings)
     store.check_bucket()

@@ -17,8 +17,8 @@ from agent.errors import ManifestError, NotAvailableError, VerificationError
 from agent.manifest import FileEntry, Manifest, parse_manifest
 from agent.output import Output
 from agent.remote import RemoteRepo
+from agent.s3read import open_reader
 from agent.settings import Settings
-from agent.store import Store
 from agent.verify import Problem, audit_cache
 
 
@@ -39,7 +39,7 @@ def resolve_commit(cache: RepoCache, revision: str, settings: Settings) -> str |
     commit = cache.read_ref(revision)
     if commit is None and settings.storage_enabled:
         try:
-            remote = RemoteRepo(Store(settings), cache.repo_id)
+            remote = RemoteRepo(open_reader(settings), cache.repo_id)
             commit = remote.resolve(revision, remote.listing())
         except NotAvailableError:  # not staged, or the server is down: the local ref is all there is
             return None
@@ -67,7 +67,7 @@ def find_manifest(cache: RepoCache, commit: str, settings: Settings,
             problems.append(Problem(f"trees/{commit}.json", str(exc)))
     if settings.storage_enabled:
         try:
-            return RemoteRepo(Store(settings), cache.repo_id).load(commit).manifest, "bucket"
+            return RemoteRepo(open_reader(settings), cache.repo_id).load(commit).manifest, "bucket"
         except NotAvailableError:  # not staged, or the server is down: check the blobs by their names
             pass
     return links_manifest(cache, commit), "snapshot links (no manifest found)"

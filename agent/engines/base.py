@@ -2,9 +2,20 @@
 
 The orchestration (`agent.pull`) plans which parts of which blobs are still missing, signs one GET URL per
 blob, preallocates each temporary file, and hands the engine a list of `BlobJob`s. The engine writes each
-part at its offset, checks the part's sha256 when the sidecar gives one, and reports every finished part
-through `on_part_done` so a later run can resume. It never renames a file: verification and the final
-name belong to the orchestration, the same whichever engine fetched the bytes.
+part at its offset, checks the part's sha256 when the sidecar gives one (re-reading the part's `kept`
+leading bytes, already on disk, into that check), and reports every finished part through `on_part_done`
+so a later run can resume. It never renames a file: the final name belongs to the orchestration, the
+same whichever engine fetched the bytes.
+
+What engines differ in is said by their class attributes, so the orchestration asks instead of guessing:
+- `checks_parts`: part digests are checked as the bytes arrive (native, python; s5cmd fetches whole
+  objects with no part digests, so the orchestration hashes its blobs whole);
+- `hashes_blobs`: the engine computes a job's `whole` digest itself, in the stream, and reports the
+  verdict through `TransferHooks.on_verdict` (native); otherwise the orchestration hashes the blob;
+- `records_digests`: with `job.record`, the sha256 of every part fetched is reported through
+  `TransferHooks.on_digest` (native), which repair by agreeing reads needs;
+- `resumes_in_parts`: a partial part's `kept` bytes are kept rather than fetched again, and progress
+  within a part is reported through `TransferHooks.on_written` (native, python).
 """
 
 from __future__ import annotations
@@ -17,12 +28,14 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Part:
-    """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known."""
+    """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known;
+    `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any)."""
 
     index: int
     offset: int
     length: int
     sha256: str | None = None
+    kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,8 @@ class BlobJob:
     size: int
     temp_path: Path
     parts: tuple[Part, ...]
+    whole: tuple[str, str] | None = None  # ("sha256" | "git-sha1", hex) for engines that hash blobs
+    record: bool = False  # report each fetched part's sha256 (repair by agreeing reads)
 
 
 @dataclass(frozen=True)
@@ -53,10 +68,23 @@ ProgressFn = Callable[[int], None]  # bytes newly written since the last call
 PartDoneFn = Callable[[BlobJob, Part], None]
 
 
+@dataclass(frozen=True)
+class TransferHooks:
+    """What an engine reports beyond finished parts, each where its attributes say it can."""
+
+    on_written: Callable[[BlobJob, Part, int], None] | None = None  # bytes on disk from the part's start
+    on_digest: Callable[[BlobJob, Part, str], None] | None = None  # sha256 of a part read with `record`
+    on_verdict: Callable[[BlobJob, str | None], None] | None = None  # None: the blob matched `whole`
+
+
 class Engine(Protocol):
     name: str
+    checks_parts: bool
+    hashes_blobs: bool
+    records_digests: bool
+    resumes_in_parts: bool
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
-              on_part_done: PartDoneFn) -> None:
+              on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         """Fetch every part of every job, or raise an `AgentError` naming what failed."""
         ...

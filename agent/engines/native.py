@@ -1,20 +1,21 @@
 """The `native` engine: the Rust extension `agent._native` fetches the parts, this module adapts it.
 
-Rust does the bytes (tokio + hyper, pooled keep-alive connections, pwrite at each part's offset, sha256
-as the bytes arrive, jittered retries that resume a broken part where it stopped); Python keeps the
-planning, signing and final verification. The extension releases the GIL for the transfer and wakes every
-`progress_interval` to run Python signal handlers and the progress callback, so SIGINT/SIGTERM stop it
-promptly. The agent runs without the extension: `available()` is then False and `auto` picks `python`.
+Rust does the bytes (tokio + hyper, pooled keep-alive connections, pwrite at each part's offset, part and
+whole-blob digests as the bytes arrive, jittered retries that resume a broken part where it stopped, a
+checkpoint of every part in progress); Python keeps the planning, signing and the final rename. The
+extension releases the GIL for the transfer and wakes every `progress_interval` to run Python signal
+handlers and the progress callback, so SIGINT/SIGTERM stop it promptly. The agent runs without the
+extension: `available()` is then False and `auto` picks `python`.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn
+from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
 from agent.errors import (
     AgentError,
     CredentialsError,
@@ -24,12 +25,13 @@ from agent.errors import (
     UsageError,
     VerificationError,
 )
-from agent.store import scrub_queries
+from agent.redact import scrub_queries
 
 if TYPE_CHECKING:
     from agent._native import FetchError
     from agent._native import _FetchStats as FetchStats
     from agent._native import _JobSpec as JobSpec
+    from agent._native import _News as News
 
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports, signal checks and cancellation points
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -45,6 +47,10 @@ def _extension() -> ModuleType | None:
 
 class NativeEngine:
     name = "native"
+    checks_parts = True
+    hashes_blobs = True
+    records_digests = True
+    resumes_in_parts = True
 
     def __init__(self, progress_interval: float = PROGRESS_INTERVAL) -> None:
         self.progress_interval = progress_interval
@@ -60,12 +66,12 @@ class NativeEngine:
         return self.stats["retries"] if self.stats else 0
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
-              on_part_done: PartDoneFn) -> None:
+              on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         native = _extension()
         if native is None:
             raise UsageError("the native engine is not built into this installation",
                              hint="use --engine python, or reinstall with the compiled extension")
-        if not any(job.parts for job in jobs):
+        if not any(job.parts or job.whole for job in jobs):
             return
 
         def report(delta: int, done: list[tuple[int, int]]) -> None:
@@ -86,9 +92,30 @@ class NativeEngine:
                 backoff_max=limits.backoff_max,
                 progress=report,
                 progress_interval=self.progress_interval,
+                report=_news_handler(jobs, hooks) if hooks else None,
             )
         except native.FetchError as exc:
             raise translate(exc) from None
+
+
+def _news_handler(jobs: Sequence[BlobJob], hooks: TransferHooks) -> Callable[[News], None]:
+    """The extension's per-tick news as hook calls (in the calling thread, between transfer ticks)."""
+
+    def handle(news: News) -> None:
+        if hooks.on_written:
+            for job_index, position, written in news["written"]:
+                hooks.on_written(jobs[job_index], jobs[job_index].parts[position], written)
+        if hooks.on_digest:
+            for job_index, position, digest in news["digests"]:
+                hooks.on_digest(jobs[job_index], jobs[job_index].parts[position], digest)
+        if hooks.on_verdict:
+            for job_index, ok, actual in news["verdicts"]:
+                job = jobs[job_index]
+                expected = job.whole[1] if job.whole else "?"
+                hooks.on_verdict(job, None if ok else f"content hash {actual[:12]}... != expected "
+                                                      f"{expected[:12]}...")
+
+    return handle
 
 
 def to_spec(job: BlobJob) -> JobSpec:
@@ -99,7 +126,9 @@ def to_spec(job: BlobJob) -> JobSpec:
         "headers": None,
         "path": str(job.temp_path),
         "size": job.size,
-        "parts": [(i, p.offset, p.length, p.sha256) for i, p in enumerate(job.parts)],
+        "parts": [(i, p.offset, p.length, p.sha256, p.kept) for i, p in enumerate(job.parts)],
+        "whole": job.whole,
+        "record": job.record,
     }
 
 

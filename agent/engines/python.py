@@ -17,11 +17,11 @@ import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import urllib3
 
-from agent.engines.base import BlobJob, Limits, Part, PartDoneFn, ProgressFn
+from agent.engines.base import BlobJob, Limits, Part, PartDoneFn, ProgressFn, TransferHooks
 from agent.errors import (
     AgentError,
     CredentialsError,
@@ -29,8 +29,8 @@ from agent.errors import (
     StorageUnavailableError,
     VerificationError,
 )
+from agent.redact import scrub_queries
 from agent.retry import backoff_delay, parse_retry_after
-from agent.store import scrub_queries
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -65,15 +65,17 @@ def _pool(limits: Limits) -> urllib3.PoolManager:
     return _POOL
 
 
-def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask) -> int:
-    """Where in the object the body begins: the part's offset for 206, 0 for a plain 200."""
+def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask, asked: int | None = None) -> int:
+    """Where in the object the body begins: `asked` (default: the part's first byte not kept) for 206,
+    0 for a plain 200."""
+    asked = task.part.offset + task.part.kept if asked is None else asked
     status = response.status
     if status in (200, 206):
         match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
         if match:
             start = int(match.group(1))
-            if start > task.part.offset:  # bytes before it would be missing: never write them shifted
-                raise _Retryable(f"server sent bytes from {start}, asked from {task.part.offset}")
+            if start > asked:  # bytes before it would be missing: never write them shifted
+                raise _Retryable(f"server sent bytes from {start}, asked from {asked}")
             return start
         if status == 206:
             raise _Retryable("206 without Content-Range")
@@ -88,19 +90,36 @@ def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask) -> int:
     raise StorageUnavailableError(f"{task.path}: server answered HTTP {status}")
 
 
+def _kept_digest(fd: int, part: Part) -> hashlib._Hash:
+    """The part's running sha256 over its kept leading bytes (re-checked with the rest of the part)."""
+    digest = hashlib.sha256()
+    done = 0
+    while done < part.kept:
+        chunk = os.pread(fd, min(CHUNK, part.kept - done), part.offset + done)
+        if not chunk:
+            raise _Retryable("kept bytes are shorter than recorded")
+        digest.update(chunk)
+        done += len(chunk)
+    return digest
+
+
 def _stream_part(task: PartTask, fd: int) -> None:
     part = task.part
+    digest = _kept_digest(fd, part) if part.sha256 else None
+    written = part.kept
+    if written == part.length:
+        if digest is not None and digest.hexdigest() != part.sha256:
+            raise _Retryable("part digest mismatch")
+        return
     end = part.offset + part.length - 1
     response = _pool(task.limits).request(
-        "GET", task.url, headers={"Range": f"bytes={part.offset}-{end}"}, preload_content=False)
+        "GET", task.url, headers={"Range": f"bytes={part.offset + written}-{end}"}, preload_content=False)
     reusable = False
     try:
         pos = _body_start(response, task)
-        digest = hashlib.sha256() if part.sha256 else None
-        written = 0
         for chunk in response.stream(CHUNK, decode_content=False):  # the stored bytes, byte for byte
-            if pos < part.offset:  # a 200 for the whole object: skip to our range
-                skip = min(len(chunk), part.offset - pos)
+            if pos < part.offset + written:  # a 200 for the whole object: skip to our range
+                skip = min(len(chunk), part.offset + written - pos)
                 chunk, pos = chunk[skip:], pos + skip
             chunk = chunk[: part.length - written]
             if chunk:
@@ -125,7 +144,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
 
 def fetch_part(task: PartTask) -> int:
     """Runs in a worker: fetch one part with retries; returns the number of retries it needed."""
-    fd = os.open(task.path, os.O_WRONLY)
+    fd = os.open(task.path, os.O_RDWR)
     try:
         for attempt in range(task.limits.max_retries + 1):
             try:
@@ -134,6 +153,8 @@ def fetch_part(task: PartTask) -> int:
             except (_Retryable, urllib3.exceptions.HTTPError, OSError) as exc:
                 if attempt == task.limits.max_retries:
                     raise _final_error(task, exc) from None
+                # Kept bytes are trusted for one try only: a failed part is fetched whole next time.
+                task = replace(task, part=replace(task.part, kept=0))
                 retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
                 limits = task.limits
                 time.sleep(backoff_delay(attempt, limits.backoff_base, limits.backoff_max, retry_after))
@@ -154,13 +175,17 @@ def _final_error(task: PartTask, exc: Exception) -> AgentError:
 
 class PythonEngine:
     name = "python"
+    checks_parts = True
+    hashes_blobs = False
+    records_digests = False
+    resumes_in_parts = True  # a part's kept bytes are kept; progress inside a part is not reported
 
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes
         self.retries = 0
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
-              on_part_done: PartDoneFn) -> None:
+              on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         tasks = [(job, part) for job in jobs for part in job.parts if part.length > 0]
         if not tasks:
             return
@@ -186,7 +211,7 @@ class PythonEngine:
             for future in done:
                 job, part = pending.pop(future)
                 self.retries += future.result()  # re-raises the worker's AgentError
-                progress(part.length)
+                progress(part.length - part.kept)
                 on_part_done(job, part)
 
 

@@ -36,10 +36,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn
+from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
 from agent.errors import AgentError, CredentialsError, DiskFullError, NotFoundError, StorageUnavailableError
+from agent.redact import scrub_queries
 from agent.settings import Settings
-from agent.store import scrub_queries
 
 MIB = 1 << 20
 LARGE_OBJECT = 64 * MIB  # objects above this get several concurrent ranged GETs each
@@ -227,6 +227,10 @@ class _Tracker:
 
 class S5cmdEngine:
     name = "s5cmd"
+    checks_parts = False  # whole objects, no part digests: the orchestration hashes each blob whole
+    hashes_blobs = False
+    records_digests = False
+    resumes_in_parts = False  # s5cmd rewrites the whole object
 
     def __init__(self, settings: Settings | None = None, *, executable: str | None = None) -> None:
         self._settings = settings
@@ -246,7 +250,7 @@ class S5cmdEngine:
         return self._settings
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
-              on_part_done: PartDoneFn) -> None:
+              on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         jobs = [job for job in jobs if job.parts]
         if not jobs:
             return

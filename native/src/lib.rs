@@ -1,7 +1,8 @@
 //! `agent._native`: the Rust fast path of simswarm-agent. This file holds only the module definition.
 //!
 //! One narrow function, [`fetch::fetch`], fills byte ranges of preallocated files from presigned GET
-//! URLs; Python does the planning, signing and final verification.
+//! URLs; three small ones in [`s3`] sign those URLs and read listings, so a pull needs no botocore.
+//! Python does the planning and the final rename.
 use pyo3::prelude::*;
 
 mod backoff;
@@ -10,6 +11,7 @@ mod error;
 mod fetch;
 mod part;
 mod response;
+mod s3;
 mod spec;
 mod transfer;
 mod whole;
@@ -24,6 +26,9 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(fetch::fetch, m)?)?;
+    m.add_function(wrap_pyfunction!(s3::presign_get, m)?)?;
+    m.add_function(wrap_pyfunction!(s3::presign_list, m)?)?;
+    m.add_function(wrap_pyfunction!(s3::parse_list, m)?)?;
     error::add_exceptions(m)?;
     Ok(())
 }

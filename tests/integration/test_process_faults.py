@@ -111,12 +111,12 @@ def final_blobs(cache: RepoCache) -> dict[str, int]:
 
 
 def parts_done(cache: RepoCache) -> int:
-    """Parts that a state file records as landed, over all partial blobs."""
+    """Bytes that a checkpoint records as landed, over all partial blobs."""
     done = 0
     if cache.blobs.is_dir():
         for path in cache.blobs.glob("*" + STATE_SUFFIX):
             with contextlib.suppress(OSError, ValueError):
-                done += len(json.loads(path.read_text()).get("done", []))
+                done += sum(end - start for start, end in json.loads(path.read_text()).get("have", []))
     return done
 
 
@@ -231,7 +231,7 @@ def test_a_pull_stopped_at_any_stage_resumes_to_a_valid_cache_fetching_only_what
     result = rerun(clean_env(**s3_server.env(staged_bucket)), hf_home, repo_id, tmp_path / "report.json")
     assert_valid(hf_home / "hub", repo_id, manifest)
     downloaded = int(str(result["bytes_downloaded"]))
-    print(f"\n{stage}/{signal.Signals(sig).name}/{engine}: kept {kept} B in final blobs + {partial} parts; "
+    print(f"\n{stage}/{signal.Signals(sig).name}/{engine}: kept {kept} B in final blobs + {partial} B; "
           f"rerun downloaded {downloaded} of {manifest.total_size} B")
     assert downloaded <= manifest.total_size - kept
     if stage == "listing":

@@ -17,11 +17,20 @@ import pytest
 from agent.cache import PART_SUFFIX, RepoCache
 from agent.clean import clean_stale
 from agent.engines.base import Limits
+from agent.engines.native import NativeEngine
 from agent.errors import DiskFullError
-from agent.manifest import FileEntry, Manifest, Sidecar, git_blob_sha1, lfs_pointer, part_ranges
+from agent.manifest import (
+    DEFAULT_PART_SIZE,
+    FileEntry,
+    Manifest,
+    Sidecar,
+    git_blob_sha1,
+    lfs_pointer,
+    part_ranges,
+)
 from agent.plan import (
     DISK_MARGIN,
-    MIN_PART,
+    Extents,
     Plan,
     check_disk,
     choose_part_size,
@@ -83,76 +92,100 @@ def clean(cache: RepoCache, *, full: bool = True, keep: set[str] | None = None) 
 # -- plan: resume ---------------------------------------------------------------------------------------
 
 
-def write_partial(cache: RepoCache, data: bytes, claimed: list[int]) -> None:
+def write_partial(cache: RepoCache, data: bytes, have: list[tuple[int, int]]) -> None:
     cache.ensure_dirs()
     part = cache.part_path(W.blob_name)
     preallocate(part, W.size)
     with open(part, "r+b") as fh:
         fh.write(data)
-    write_part_state(cache, W.blob_name, W.size, PART, set(claimed))
+    write_part_state(cache, W.blob_name, W.size, Extents(have))
 
 
-def test_resume_keeps_claimed_parts_that_verify_and_refetches_the_rest(cache: RepoCache) -> None:
-    damaged = bytearray(WEIGHTS)
-    damaged[2 * PART + 5] ^= 0xFF  # part 2 is claimed done but holds a wrong byte
-    write_partial(cache, bytes(damaged[: 3 * PART]), claimed=[0, 1, 2])
-    blob = plan_blob(cache, W.blob_name, W, SIDECAR, concurrency=4)
+def test_resume_keeps_checkpointed_bytes_for_the_engine_to_recheck_and_fetches_the_rest(
+        cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS[: 2 * PART + 100], have=[(0, 2 * PART + 100)])
+    blob = plan_blob(cache, W.blob_name, W, SIDECAR)
     assert blob.part_size == PART
-    assert [p.index for p in blob.missing] == [2, 3, 4]
-    assert blob.bytes_missing == W.size - 2 * PART
+    # every part with a digest goes to the engine: kept bytes are re-read into the part's check
+    assert [(p.index, p.kept) for p in blob.missing] == [(0, PART), (1, PART), (2, 100), (3, 0), (4, 0)]
+    assert blob.bytes_missing == W.size - 2 * PART - 100
     assert all(p.sha256 == SIDECAR.parts[W.blob_name][p.index] for p in blob.missing)
-    assert cache.part_path(W.blob_name).exists()  # the good parts are kept on disk
+    assert cache.part_path(W.blob_name).exists()  # the kept bytes stay on disk
 
 
-def test_resume_with_no_good_claimed_part_starts_over_and_drops_the_partial(cache: RepoCache) -> None:
-    write_partial(cache, b"\0" * (2 * PART), claimed=[0, 1])
-    blob = plan_blob(cache, W.blob_name, W, SIDECAR, concurrency=4)
-    assert [p.index for p in blob.missing] == [0, 1, 2, 3, 4]
+def test_without_part_digests_wholly_kept_parts_are_not_fetched_and_the_blob_hash_decides(
+        cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS[: 2 * PART], have=[(0, PART + 10), (3 * PART, 4 * PART)])
+    blob = plan_blob(cache, W.blob_name, W, None)
+    assert blob.digests is None and not blob.bound
+    assert blob.part_size == DEFAULT_PART_SIZE  # one part here: the file is smaller than a part
+    assert [(p.index, p.kept) for p in blob.missing] == [(0, PART + 10)]
+
+
+def test_a_checkpoint_survives_a_change_of_stream_count_and_of_the_old_state_format(
+        cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS[:PART], have=[])
+    cache.part_state_path(W.blob_name).write_text(
+        json.dumps({"size": W.size, "part_size": PART, "done": [0, 2]}))  # the format before ranges
+    assert read_part_state(cache, W.blob_name, W.size).ranges == [(0, PART), (2 * PART, 3 * PART)]
+    assert choose_part_size(10 << 30, None) == choose_part_size(1000, None)  # no stream count in it
+
+
+def test_with_no_checkpoint_the_partial_is_dropped_and_every_part_fetched(cache: RepoCache) -> None:
+    write_partial(cache, b"\0" * (2 * PART), have=[])
+    blob = plan_blob(cache, W.blob_name, W, SIDECAR)
+    assert [(p.index, p.kept) for p in blob.missing] == [(i, 0) for i in range(5)]
     assert not cache.part_path(W.blob_name).exists()
     assert not cache.part_state_path(W.blob_name).exists()
 
 
+def test_resume_off_starts_over_even_with_a_checkpoint(cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS[:PART], have=[(0, PART)])
+    blob = plan_blob(cache, W.blob_name, W, SIDECAR, resume=False)
+    assert all(p.kept == 0 for p in blob.missing)
+    assert not cache.part_path(W.blob_name).exists()
+
+
 @pytest.mark.parametrize("state", [
-    {"size": 1, "part_size": PART, "done": [0]},          # another size
-    {"size": len(WEIGHTS), "part_size": 2 * PART, "done": [0]},  # another part size
+    {"size": 1, "have": [[0, 1]]},                      # another size
+    {"size": len(WEIGHTS), "have": [[0, len(WEIGHTS) + 1]]},  # past the end
+    {"size": len(WEIGHTS), "have": [["x", 1]]},
     {"size": len(WEIGHTS), "part_size": PART, "done": ["x"]},
     "not json",
     [1, 2],
 ])
 def test_unusable_part_state_claims_nothing(cache: RepoCache, state: object) -> None:
-    write_partial(cache, WEIGHTS, claimed=[0])
+    write_partial(cache, WEIGHTS, have=[(0, PART)])
     cache.part_state_path(W.blob_name).write_text(state if isinstance(state, str) else json.dumps(state))
-    assert read_part_state(cache, W.blob_name, W.size, PART) == set()
+    assert not read_part_state(cache, W.blob_name, W.size)
 
 
 def test_part_state_of_a_truncated_partial_claims_nothing(cache: RepoCache) -> None:
-    write_partial(cache, WEIGHTS, claimed=[0, 1])
+    write_partial(cache, WEIGHTS, have=[(0, 2 * PART)])
     os.truncate(cache.part_path(W.blob_name), PART)
-    assert read_part_state(cache, W.blob_name, W.size, PART) == set()
+    assert not read_part_state(cache, W.blob_name, W.size)
 
 
-def test_without_a_sidecar_claimed_parts_are_kept_for_the_whole_blob_check(cache: RepoCache) -> None:
-    size = 3 * MIN_PART
-    entry = FileEntry(size, "0" * 40, "f" * 64, size)
-    cache.ensure_dirs()
-    preallocate(cache.part_path(entry.blob_name), size)
-    part_size = choose_part_size(size, 4, None)
-    write_part_state(cache, entry.blob_name, size, part_size, {0})
-    blob = plan_blob(cache, entry.blob_name, entry, None, concurrency=4)
-    assert 0 not in [p.index for p in blob.missing]
-    assert blob.digests is None
+def test_extents_merge_and_measure_prefixes() -> None:
+    have = Extents([(10, 20), (30, 40), (20, 25)])
+    assert have.ranges == [(10, 25), (30, 40)]
+    assert have.prefix(12, 100) == 13 and have.prefix(25, 5) == 0 and have.prefix(30, 4) == 4
+    assert have.total() == 25
 
 
-def test_part_size_comes_from_the_sidecar_else_within_bounds() -> None:
-    assert choose_part_size(10 << 30, 8, SIDECAR) == PART
-    assert choose_part_size(1000, 8, None) == MIN_PART
-    assert MIN_PART <= choose_part_size(10 << 30, 8, None) <= 64 << 20
+def test_only_a_sidecar_bound_to_the_blob_identity_proves_a_blob_by_its_parts() -> None:
+    digests = SIDECAR.parts[W.blob_name]
+    bound = Sidecar(PART, {W.blob_name: digests}, {W.blob_name: {"sha256": W.blob_name}})
+    unbound = Sidecar(PART, {W.blob_name: digests}, {W.blob_name: {"sha256": "0" * 64}})
+    assert bound.is_bound(W.blob_name, W.size)
+    assert not unbound.is_bound(W.blob_name, W.size)
+    assert not SIDECAR.is_bound(W.blob_name, W.size)  # an older sidecar, with part digests only
 
 
 def test_make_plan_fetches_only_what_is_not_valid_and_drops_their_partials(cache: RepoCache) -> None:
-    write_partial(cache, WEIGHTS[:PART], claimed=[0])
+    write_partial(cache, WEIGHTS[:PART], have=[(0, PART)])
     snap = StagedSnapshot("org/model", COMMIT, MANIFEST, {}, SIDECAR)
-    plan = make_plan(cache, snap, {W.blob_name, C.blob_name}, Limits(concurrency=4))
+    plan = make_plan(cache, snap, {W.blob_name, C.blob_name}, NativeEngine(), check_parts=True)
     assert sorted(plan.present) == sorted([W.blob_name, C.blob_name])
     assert [b.name for b in plan.to_fetch] == [P.blob_name]
     assert not cache.part_path(W.blob_name).exists()  # a valid blob needs no partial
@@ -166,7 +199,7 @@ Usage = namedtuple("Usage", "total used free")
 def test_disk_check_refuses_with_exit_5_and_counts_preallocated_bytes(
         cache: RepoCache, monkeypatch: pytest.MonkeyPatch) -> None:
     snap = StagedSnapshot("org/model", COMMIT, MANIFEST, {}, SIDECAR)
-    plan = make_plan(cache, snap, set(), Limits(concurrency=4))
+    plan = make_plan(cache, snap, set(), NativeEngine(), check_parts=True)
     need = MANIFEST.total_size
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(1 << 40, 0, need + DISK_MARGIN - 1))
     with pytest.raises(DiskFullError) as info:
@@ -253,7 +286,7 @@ def test_dangling_links_truncated_and_corrupt_blobs_and_temporaries_are_removed(
 
 
 def test_partials_of_wanted_blobs_are_kept_for_resume(cache: RepoCache) -> None:
-    write_partial(cache, WEIGHTS[:PART], claimed=[0])
+    write_partial(cache, WEIGHTS[:PART], have=[(0, PART)])
     clean(cache)
     assert cache.part_path(W.blob_name).exists()
     assert cache.part_state_path(W.blob_name).exists()

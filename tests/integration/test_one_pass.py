@@ -1,0 +1,359 @@
+"""One pass over the bytes: verification inside the stream, byte-level checkpoints, repair by reads.
+
+- A sidecar binds its part digests to the blob's identity (`stage` records the whole digests it checked):
+  a bound blob is proven by its parts alone; an unbound one is hashed whole as well, so a sidecar whose
+  part digests describe corrupt bytes cannot make them pass; a lying part digest never gives a blob its
+  final name.
+- A pull killed mid-part (SIGKILL) keeps the bytes it wrote: the rerun fetches only the rest, counted
+  at a proxy, in a compact bucket (part digests) and a legacy one (whole hash only).
+- In a legacy bucket a blob that fails its hash is read again part by part until reads agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
+from agent.errors import VerificationError
+from agent.manifest import DEFAULT_PART_SIZE, Manifest
+from agent.output import Output
+from agent.pull import PullOptions, PullResult, pull_from_store
+from agent.remote import RemoteRepo
+from agent.settings import MODELS_PREFIX, Settings
+from agent.stage import stage_from_cache
+from agent.store import Store
+from agent.testbed.seaweed import SeaweedServer
+from agent.testbed.seed import fake_commit, seed_cache
+from agent.verify import audit_cache
+from tests.support.fault_server import FaultProxy
+from tests.support.hf_cache import assert_clean_cache, resolve_offline
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO = "simswarm-test/one-pass"
+PREFIX = f"{MODELS_PREFIX}models--simswarm-test--one-pass/"
+MIB = 1 << 20
+WEIGHTS_SIZE = 6 * MIB + 12345
+RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def quiet() -> Output:
+    return Output(io.StringIO(), json_mode=True)
+
+
+def native_or_skip() -> None:
+    from agent.engines.native import NativeEngine
+
+    if not NativeEngine.available():
+        pytest.skip("the native extension is not built")
+
+
+@pytest.fixture(scope="module")
+def local_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A hub cache holding one model: a config and one weight file of 6 MiB of noise."""
+    model = tmp_path_factory.mktemp("one-pass-model")
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    (model / "model.safetensors").write_bytes(os.urandom(WEIGHTS_SIZE))
+    hub = tmp_path_factory.mktemp("one-pass-hub")
+    commit = fake_commit("one-pass")
+    seed_cache(model, hub, REPO, commit)
+    return hub, commit
+
+
+def stage(store: Store, hub: Path, part_size: int = MIB) -> Manifest:
+    stage_from_cache(store, hub, REPO, "main", quiet(), part_size=part_size)
+    return RemoteRepo(store, REPO).load().manifest
+
+
+def stage_legacy(store: Store, hub: Path, commit: str) -> Manifest:
+    """What `s5cmd cp` of a cache made before 1.0 leaves: blobs, full snapshot copies, a ref, no trees/
+    and no sidecar."""
+    cache = RepoCache(hub, REPO)
+    for blob in cache.blobs.iterdir():
+        store.put_bytes(PREFIX + f"blobs/{blob.name}", blob.read_bytes())
+    for relpath, path in cache.snapshot_entries(commit):
+        store.put_bytes(PREFIX + f"snapshots/{commit}/{relpath}", path.read_bytes())
+    store.put_bytes(PREFIX + "refs/main", commit.encode())
+    snap = RemoteRepo(store, REPO).load()
+    assert snap.form == "legacy" and snap.sidecar is None
+    return snap.manifest
+
+
+def pull(settings: Settings, **options: object) -> PullResult:
+    return pull_from_store(settings, PullOptions(REPO, **options), quiet())  # type: ignore[arg-type]
+
+
+def weights_name(manifest: Manifest) -> str:
+    return manifest.files["model.safetensors"].blob_name
+
+
+def assert_valid(settings: Settings, manifest: Manifest) -> None:
+    cache = RepoCache(settings.hub_cache, REPO)
+    commit = cache.read_ref("main")
+    assert commit is not None
+    assert [str(p) for p in audit_cache(cache, commit, manifest, "main")] == []
+    assert_clean_cache(settings.hub_cache)
+    assert resolve_offline(settings.hub_cache, REPO) == cache.snapshot_dir(commit)
+
+
+def blob_bytes_requested(proxy: FaultProxy) -> int:
+    total = 0
+    for request in proxy.requests("GET"):
+        if "/blobs/" in request.path or "/snapshots/" in request.path:
+            match = RANGE.match(request.range or "")
+            assert match, f"a blob GET without a byte range: {request}"
+            total += int(match.group(2)) - int(match.group(1)) + 1
+    return total
+
+
+def edit_sidecar(store: Store, commit: str, change: object) -> None:
+    key = PREFIX + f"parts/{commit}.json"
+    doc = json.loads(store.get_bytes(key))
+    change(doc)  # type: ignore[operator]
+    store.put_bytes(key, json.dumps(doc).encode())
+
+
+def corrupt_object(store: Store, name: str, data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) // 3] ^= 0x01
+    store.put_bytes(PREFIX + f"blobs/{name}", bytes(bad))
+    return bytes(bad)
+
+
+# -- 1. bound part digests ----------------------------------------------------------------------------
+
+
+def test_stage_binds_each_blobs_part_digests_to_its_identity(settings: Settings,
+                                                             local_cache: tuple[Path, str]) -> None:
+    hub, _ = local_cache
+    manifest = stage(Store(settings), hub)
+    sidecar = RemoteRepo(Store(settings), REPO).load().sidecar
+    assert sidecar is not None
+    for name, entry in manifest.blobs().items():
+        assert sidecar.is_bound(name, entry.size), name
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_bound_compact_pull_is_fully_verified_by_its_parts(
+        engine: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
+    if engine == "native":
+        native_or_skip()
+    hub, _ = local_cache
+    manifest = stage(Store(settings), hub)
+    result = pull(settings, engine=engine)
+    assert result.verified == "full"
+    assert_valid(settings, manifest)
+    cache = RepoCache(settings.hub_cache, REPO)
+    assert all(cache.verified_unchanged(name) for name in manifest.blobs())  # stamped as fully checked
+
+
+@pytest.mark.parametrize("unbind", ["no-whole-digests", "other-whole-digest"])
+def test_a_sidecar_not_bound_to_the_blob_cannot_vouch_for_corrupt_bytes(
+        unbind: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
+    """The object and its part digests agree with each other but not with the blob's name: only the
+    whole hash can tell, and it runs because the sidecar is not bound."""
+    native_or_skip()
+    hub, commit = local_cache
+    store = Store(settings)
+    manifest = stage(store, hub)
+    name = weights_name(manifest)
+    bad = corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+
+    def rewrite(doc: dict[str, object]) -> None:
+        entry = doc["blobs"][name]  # type: ignore[index]
+        entry["parts"] = [hashlib.sha256(bad[o:o + MIB]).hexdigest() for o in range(0, len(bad), MIB)]
+        if unbind == "no-whole-digests":
+            entry.pop("sha256")
+            entry.pop("git_sha1")
+        else:
+            entry["sha256"] = hashlib.sha256(bad).hexdigest()
+
+    edit_sidecar(store, commit, rewrite)
+    with pytest.raises(VerificationError):
+        pull(settings, engine="native")
+    assert not RepoCache(settings.hub_cache, REPO).blob_path(name).exists()
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_lying_part_digest_never_gives_the_blob_its_final_name(
+        engine: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
+    if engine == "native":
+        native_or_skip()
+    hub, commit = local_cache
+    store = Store(settings)
+    manifest = stage(store, hub)
+    name = weights_name(manifest)
+    edit_sidecar(store, commit, lambda doc: doc["blobs"][name]["parts"].__setitem__(2, "0" * 64))
+    with pytest.raises(VerificationError):
+        pull(settings, engine=engine)
+    cache = RepoCache(settings.hub_cache, REPO)
+    assert not cache.blob_path(name).exists()
+    assert cache.read_ref("main") is None
+
+
+def test_rehash_hashes_whole_blobs_even_when_their_parts_prove_them(
+        settings: Settings, local_cache: tuple[Path, str]) -> None:
+    """A sidecar that says it is bound while its object is corrupt is the one thing parts cannot catch
+    (the bucket vouches for both); `--rehash` is for whoever wants both checks."""
+    native_or_skip()
+    hub, commit = local_cache
+    store = Store(settings)
+    manifest = stage(store, hub)
+    name = weights_name(manifest)
+    bad = corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+    edit_sidecar(store, commit, lambda doc: doc["blobs"][name].__setitem__(
+        "parts", [hashlib.sha256(bad[o:o + MIB]).hexdigest() for o in range(0, len(bad), MIB)]))
+    with pytest.raises(VerificationError):
+        pull(settings, engine="native", rehash=True)
+    assert not RepoCache(settings.hub_cache, REPO).blob_path(name).exists()
+
+
+# -- 2. byte-level checkpoints ------------------------------------------------------------------------
+
+
+def checkpointed(cache: RepoCache, name: str) -> int:
+    try:
+        state = json.loads((cache.blobs / (name + STATE_SUFFIX)).read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(end - start for start, end in state.get("have", []))
+
+
+@pytest.mark.parametrize("form", ["compact", "legacy"])
+def test_sigkill_mid_part_keeps_the_written_bytes_and_the_rerun_fetches_only_the_rest(
+        form: str, s3_server: SeaweedServer, settings_env: dict[str, str], settings: Settings,
+        local_cache: tuple[Path, str], tmp_path: Path) -> None:
+    """One stream; the weight file's response stalls after half its bytes. The checkpoint shows them
+    on disk within a fraction of a second; SIGKILL; the rerun asks the proxy for the other half only,
+    re-checks the kept half (part digest or whole hash) and ends in a valid cache."""
+    native_or_skip()
+    hub, commit = local_cache
+    store = Store(settings)
+    # compact: one 8 MiB part, so the kill lands inside a part, never on a part boundary
+    manifest = stage(store, hub, part_size=8 * MIB) if form == "compact" else stage_legacy(store, hub, commit)
+    name = weights_name(manifest)
+    cache = RepoCache(settings.hub_cache, REPO)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MINIO_", "AWS_"))}
+    with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
+        proxy.add_fault("stall", count=1, match=f"/blobs/{name}", stall_seconds=60)
+        env.update({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "--log-format", "json", "pull", REPO,
+                                 "--engine", "native", "--concurrency", "1", "--no-fallback"],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while checkpointed(cache, name) < WEIGHTS_SIZE // 3:
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                assert time.monotonic() < deadline, "no checkpoint of the stalled part"
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+        kept = checkpointed(cache, name)
+        assert not any(BLOB_RE.match(p.name) and p.name == name for p in cache.blobs.iterdir())
+        proxy.clear()
+        proxied = Settings.from_env({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url})
+        result = pull(proxied, engine="native", concurrency=16)  # another stream count: still kept
+        refetched = blob_bytes_requested(proxy)
+    print(f"\n{form}: kept {kept} of {WEIGHTS_SIZE} B; the rerun fetched {refetched} B "
+          f"({refetched / manifest.total_size:.2f} of the model)")
+    assert WEIGHTS_SIZE - kept <= refetched <= manifest.total_size - kept
+    assert refetched <= 0.55 * manifest.total_size
+    assert result.bytes_downloaded == refetched
+    assert_valid(settings, manifest)
+
+
+def test_a_kept_part_that_fails_its_digest_is_fetched_again_and_only_it(
+        s3_server: SeaweedServer, settings_env: dict[str, str], settings: Settings,
+        local_cache: tuple[Path, str]) -> None:
+    """A checkpoint claims bytes whose content was damaged afterwards: the engine re-reads them into
+    the part's digest, finds the mismatch, and fetches that part again, and no other."""
+    native_or_skip()
+    hub, _ = local_cache
+    store = Store(settings)
+    manifest = stage(store, hub)
+    name = weights_name(manifest)
+    data = RepoCache(hub, REPO).blob_path(name).read_bytes()
+    cache = RepoCache(settings.hub_cache, REPO)
+    cache.ensure_dirs()
+    partial = bytearray(data[: 3 * MIB])
+    partial[MIB + 7] ^= 0xFF  # in part 1
+    cache.part_path(name).write_bytes(bytes(partial) + b"\0" * (len(data) - len(partial)))
+    cache.part_state_path(name).write_text(json.dumps({"size": len(data), "have": [[0, 3 * MIB]]}))
+    with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
+        proxied = Settings.from_env({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url})
+        pull(proxied, engine="native")
+        weight_ranges = sorted(r.range for r in proxy.requests("GET") if name in r.path)
+    assert f"bytes={MIB}-{2 * MIB - 1}" in weight_ranges  # the damaged kept part, again
+    assert f"bytes=0-{MIB - 1}" not in weight_ranges and f"bytes={2 * MIB}-{3 * MIB - 1}" not in weight_ranges
+    assert_valid(settings, manifest)
+
+
+# -- 3. repair by agreeing reads ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_part_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A model whose weights span three parts of the fixed legacy part size."""
+    model = tmp_path_factory.mktemp("three-part-model")
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    (model / "model.safetensors").write_bytes(os.urandom(2 * DEFAULT_PART_SIZE + 3 * MIB))
+    hub = tmp_path_factory.mktemp("three-part-hub")
+    commit = fake_commit("three-part")
+    seed_cache(model, hub, REPO, commit)
+    return hub, commit
+
+
+def test_a_legacy_blob_whose_reads_are_flipped_one_in_four_is_repaired_by_agreeing_reads(
+        s3_server: SeaweedServer, settings_env: dict[str, str], settings: Settings,
+        three_part_cache: tuple[Path, str]) -> None:
+    """Every fourth GET of the weights has a flipped byte, so the whole hash fails round after round
+    until each part's last read agrees with an earlier one; then it passes."""
+    native_or_skip()
+    hub, commit = three_part_cache
+    manifest = stage_legacy(Store(settings), hub, commit)
+    name = weights_name(manifest)
+    with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
+        reads = 0
+
+        def every_fourth_read(method: str, path: str, _range: str | None) -> bool:
+            nonlocal reads
+            if method != "GET" or not path.endswith(f"/blobs/{name}"):
+                return False
+            reads += 1
+            return reads % 4 == 1
+        proxy.add_fault("flip", count=10_000, match=every_fourth_read)
+        proxied = Settings.from_env({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url})
+        result = pull(proxied, engine="native", concurrency=1)
+        flipped = proxy.count(fault="flip")
+    print(f"\n{reads} reads of the weights' parts, {flipped} flipped; "
+          f"{result.bytes_downloaded / manifest.total_size:.2f}x the model downloaded")
+    assert flipped >= 2 and reads > 2 * 3  # more than the first pass and one more read of each part
+    assert result.bytes_downloaded > manifest.total_size
+    assert_valid(settings, manifest)
+
+
+def test_a_legacy_object_corrupt_in_the_bucket_ends_in_exit_4_after_reads_agree(
+        settings: Settings, local_cache: tuple[Path, str]) -> None:
+    native_or_skip()
+    hub, commit = local_cache
+    store = Store(settings)
+    manifest = stage_legacy(store, hub, commit)
+    name = weights_name(manifest)
+    corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+    with pytest.raises(VerificationError) as info:
+        pull(settings, engine="native")
+    assert info.value.exit_code == 4
+    cache = RepoCache(settings.hub_cache, REPO)
+    assert not cache.blob_path(name).exists() and not cache.part_path(name).exists()
