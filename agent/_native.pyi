@@ -11,6 +11,9 @@ __all__ = [
     "HttpStatusError",
     "TransferError",
     "fetch",
+    "parse_list",
+    "presign_get",
+    "presign_list",
     "version",
 ]
 
@@ -59,7 +62,26 @@ class TransferError(FetchError): ...
 class FileWriteError(FetchError):
     errno: int | None
 
+class _Target(TypedDict):
+    """One bucket on one endpoint, path-style; no keys: unsigned (anonymous) URLs."""
+
+    endpoint: str
+    region: str
+    bucket: str
+    access_key: str | None
+    secret_key: str | None
+
 def version() -> str: ...
+def presign_get(target: _Target, key: str, expires: int) -> str: ...
+def presign_list(
+    target: _Target,
+    prefix: str,
+    *,
+    delimiter: str | None = None,
+    continuation: str | None = None,
+    expires: int = 300,
+) -> str: ...
+def parse_list(body: str) -> tuple[list[tuple[str, int, str]], list[str], str | None]: ...
 def fetch(
     jobs: Sequence[_JobSpec],
     *,

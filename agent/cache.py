@@ -204,7 +204,8 @@ class RepoCache:
     # -- verification records ------------------------------------------------------------------
     def remember_verified(self, name: str) -> None:
         stamp = BlobStamp.of(self.blob_path(name))
-        atomic_write(self.stamp_path(name), json.dumps(stamp.__dict__).encode())
+        # Not fsynced: a stamp lost in a crash costs one re-hash, never a wrong verdict (it must match).
+        atomic_write(self.stamp_path(name), json.dumps(stamp.__dict__).encode(), durable=False)
 
     def verified_unchanged(self, name: str) -> bool:
         """True when the blob was fully verified before and its size, times and inode are the same."""

@@ -114,6 +114,8 @@ def cache_lock(cache: RepoCache, out: Output) -> Iterator[None]:
 
 REPAIR_ROUNDS = 6  # reads of a blob without part digests, at most, before its bytes are judged corrupt
 CHECKPOINT_SECONDS = 0.25  # how often progress inside parts is saved for a rerun after SIGKILL
+CHECKPOINT_MIN_BYTES = 1 << 20  # a smaller one-part blob is fetched again rather than checkpointed
+STAMP_MIN_BYTES = 1 << 20  # re-hashing a smaller blob on a warm start costs what reading its stamp does
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,9 @@ class Finisher:
         self.remaining = {b.name: {p.index for p in b.missing if p.length} for b in plan.to_fetch}
         self.have = {b.name: Extents(b.kept.ranges) for b in plan.to_fetch}
         self.whole = {b.name for b in plan.to_fetch if self._needs_whole(b)}
+        # Thousands of small files must not cost a checkpoint write each.
+        self.checkpointed = {b.name for b in plan.to_fetch
+                             if b.entry.size >= CHECKPOINT_MIN_BYTES or b.entry.size > b.part_size}
         # Parts not in the plan were kept whole from an earlier run: they count as done.
         self.done = {b.name: set(range(part_count(b.entry.size, b.part_size))) - self.remaining[b.name]
                      for b in plan.to_fetch}
@@ -183,7 +188,7 @@ class Finisher:
                 self.futures[name] = self.pool.submit(self.finalize, name)
 
     def on_written(self, job: BlobJob, part: Part, written: int) -> None:
-        if job.blob_name not in self.finished:
+        if job.blob_name not in self.finished and job.blob_name in self.checkpointed:
             self.have[job.blob_name].add(part.offset, part.offset + written)
             self.dirty.add(job.blob_name)
             self.save_checkpoints()
@@ -195,16 +200,19 @@ class Finisher:
         if name in self.finished:
             return
         self.have[name].add(part.offset, part.offset + part.length)
-        self.dirty.add(name)
         if not self.remaining[name] and name not in self.futures:
-            if not (name in self.whole and self.engine.hashes_blobs):  # else its verdict finishes it
+            if name in self.checks:  # hashing here: in a verify thread, off the transfer's path
                 self.futures[name] = self.pool.submit(self.finalize, name)
-            return
+            elif name not in self.whole:  # proven by its parts (or sizes only): named at once
+                self.finalize(name)
+            return  # else the engine's verdict on its whole hash finishes it
         if name in self.checks:
             self.pool.submit(self.checks[name].advance, frozenset(self.done[name]))
         # A finished part is saved at once (a blob about to get its name needs no checkpoint); progress
         # inside parts is saved a few times a second.
-        self.save_checkpoints(force=bool(self.remaining[name]))
+        if name in self.checkpointed:
+            self.dirty.add(name)
+            self.save_checkpoints(force=True)
 
     def on_verdict(self, job: BlobJob, problem: str | None) -> None:
         self.problems.pop(job.blob_name, None)
@@ -238,7 +246,7 @@ class Finisher:
         os.replace(self.cache.part_path(name), self.cache.blob_path(name))
         with contextlib.suppress(FileNotFoundError):
             self.cache.part_state_path(name).unlink()
-        if self.policy.full:
+        if self.policy.full and self.blobs[name].entry.size >= STAMP_MIN_BYTES:
             self.cache.remember_verified(name)
         return None
 

@@ -9,6 +9,7 @@ interface. Failures map to the same `AgentError`s as the Store's, and no message
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import re
 import time
@@ -28,6 +29,7 @@ READ_TIMEOUT = 30.0
 ATTEMPTS = 4
 METADATA_LIMIT = 64 << 20
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _CREDENTIAL_CODES = {b"AccessDenied", b"InvalidAccessKeyId", b"SignatureDoesNotMatch", b"InvalidToken"}
 
 
@@ -141,6 +143,7 @@ def _get_once(url: str, what: str, limit: int) -> bytes:
         if response.status == 200:
             if len(body) > limit:
                 raise ConfigError(f"{what}: more than {limit} bytes is too large for metadata")
+            _check_etag(body, response.getheader("ETag"), what)
             return body
         raise _status_error(response.status, body, response.getheader("Retry-After"), what)
     except (OSError, http.client.HTTPException) as exc:
@@ -148,6 +151,15 @@ def _get_once(url: str, what: str, limit: int) -> bytes:
             f"{what}: cannot connect to the object storage endpoint ({type(exc).__name__})")) from None
     finally:
         connection.close()
+
+
+def _check_etag(body: bytes, etag: str | None, what: str) -> None:
+    """A single-part object's ETag is the MD5 of its bytes: a body damaged in transit is read again
+    (botocore's response checksums do the same for the Store)."""
+    tag = (etag or "").strip('"')
+    if _MD5_ETAG.match(tag) and hashlib.md5(body, usedforsecurity=False).hexdigest() != tag:
+        damaged = StorageUnavailableError(f"{what}: the body does not match its ETag (damaged on the way)")
+        raise _Retry(damaged)
 
 
 def _status_error(status: int, body: bytes, retry_after: str | None, what: str) -> Exception:

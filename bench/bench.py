@@ -251,15 +251,18 @@ class Testbed:
 
 # -- the methods ------------------------------------------------------------------------------------
 
-def agent_method(bed: Testbed, engine: str, verify: str = "full") -> Method:
-    suffix = "" if verify == "full" else f"-{verify}"
+def agent_method(bed: Testbed, engine: str, verify: str = "full", bucket: str = COMPACT_BUCKET,
+                 *extra: str) -> Method:
+    suffix = ("" if verify == "full" else f"-{verify}") + ("" if bucket == COMPACT_BUCKET else f"-{bucket}")
+    suffix += "".join(f"-{flag.lstrip('-')}" for flag in extra)
 
     def run(dest: Path) -> Sample:
         report = dest / "report.json"
         argv = [sys.executable, "-m", "agent", "--log-format", "json", "pull", REPO_ID,
                 "--hf-home", str(dest / "hf-home"), "--engine", engine, "--verify", verify,
-                "--no-fallback", "--report", str(report)]
-        sample = run_measured(argv, bed.agent_env(), dest.parent / f"{dest.name}.log", cwd=ROOT)
+                "--no-fallback", "--report", str(report), *extra]
+        env = {**bed.agent_env(), "MINIO_BUCKET": bucket}
+        sample = run_measured(argv, env, dest.parent / f"{dest.name}.log", cwd=ROOT)
         result = json.loads(report.read_text())
         if result.get("engine") != engine or result.get("source") != "minio":
             raise BenchError(f"agent pull did not use {engine} from minio: {result}")
@@ -267,7 +270,7 @@ def agent_method(bed: Testbed, engine: str, verify: str = "full") -> Method:
         report.unlink()
         return sample
 
-    what = f"python -m agent pull --engine {engine} --verify {verify}"
+    what = f"python -m agent pull --engine {engine} --verify {verify} {' '.join(extra)} (bucket {bucket})"
     return Method(f"agent-{engine}{suffix}", what, run, bed.model_bytes)
 
 
@@ -353,6 +356,8 @@ def build_methods(bed: Testbed) -> tuple[list[Method], list[str]]:
     engines, notes = agent_engines()
     methods = [agent_method(bed, engine) for engine in engines]
     methods.append(agent_method(bed, engines[0], verify="size"))  # engines[0]: what `auto` picks
+    methods.append(agent_method(bed, engines[0], "full", LEGACY_BUCKET))  # whole hash, no sidecar
+    methods.append(agent_method(bed, engines[0], "full", COMPACT_BUCKET, "--rehash"))  # parts and whole
     methods.append(s5cmd_method(bed, "s5cmd-blobs", f"s3://{COMPACT_BUCKET}/{bed.folder}blobs/*",
                                 bed.model_bytes, "s5cmd cp of the compact blobs/ prefix"))
     methods.append(s5cmd_method(bed, "s5cmd-legacy", f"s3://{LEGACY_BUCKET}/{MODELS_PREFIX}*",

@@ -23,7 +23,7 @@ def expected_methods() -> list[str]:
 
     engines = (["native"] if NativeEngine.available() else []) + ["python", "s5cmd"]
     return [*BASE_METHODS, "agent-s5cmd", *(["agent-native"] if "native" in engines else []),
-            f"agent-{engines[0]}-size"]
+            f"agent-{engines[0]}-size", f"agent-{engines[0]}-legacy", f"agent-{engines[0]}-rehash"]
 
 
 def test_bench_smoke_prints_a_table_with_every_method(tmp_path: Path) -> None:
@@ -44,3 +44,18 @@ def test_bench_smoke_prints_a_table_with_every_method(tmp_path: Path) -> None:
     assert all(row["median_s"] > 0 for row in data["rows"])
     assert data["config"]["size_mib"] == 32 and data["config"]["rounds"] == 1
     assert not list((tmp_path / "work").iterdir())  # the work folder is removed
+
+
+def test_regimes_smoke_reports_fixed_cost_and_many_files(tmp_path: Path) -> None:
+    """The capped-link and resume sections need `tc` on loopback (root, whole machine): not in CI."""
+    results = tmp_path / "regimes.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "regimes.py"), "--only", "fixed,files", "--rounds", "1",
+         "--files", "300", "--workdir", str(tmp_path / "work"), "--out", str(results)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(results.read_text())
+    assert set(data["fixed"]["rows"]) == {"agent-native", "s5cmd-blobs", "python-startup"}
+    assert set(data["files"]["rows"]) == {"agent-native", "agent-python", "agent-s5cmd", "s5cmd-blobs"}
+    assert data["files"]["files"] == 301 and "fixed cost" in proc.stdout
+    assert not list((tmp_path / "work").iterdir())
