@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Final
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from agent.errors import (
     AgentError,
@@ -38,6 +44,10 @@ log = logging.getLogger(__name__)
 UPLOAD_CONFIG = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+# Refusals a person fixes in the pod's configuration, not by waiting for the server: no fallback.
+CONFIG_CODES = {"RequestTimeTooSkewed": "the pod's clock is off by minutes: fix its time sync (NTP)",
+                "AuthorizationHeaderMalformed": "the signing region is wrong: set MINIO_REGION",
+                "InvalidBucketName": "check MINIO_BUCKET"}
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,21 @@ def redact_signing_logs() -> None:
             logger.addFilter(_REDACTOR)
 
 
+def require_credentials(settings: Settings) -> None:
+    """Both keys, before any request: without them botocore searches ~/.aws and the instance metadata
+    service, then fails with NoCredentialsError, which would read as a server problem."""
+    missing = [name for name, value in (("MINIO_ACCESS_KEY", settings.access_key),
+                                        ("MINIO_SECRET_KEY", settings.secret_key)) if not value]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise CredentialsError(f"{' / '.join(missing)} {verb} not set",
+                               hint="set both for the bucket at MINIO_ENDPOINT, or unset MINIO_ENDPOINT "
+                                    "to turn object storage off")
+
+
 def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
     endpoint = settings.require_storage()
+    require_credentials(settings)
     redact_signing_logs()
     config = Config(
         signature_version="s3v4",
@@ -115,7 +138,11 @@ def translate(exc: Exception, what: str) -> AgentError:
             return ConfigError(f"{what}: the bucket does not exist", hint="check MINIO_BUCKET")
         if code in CREDENTIAL_CODES or status == "403":
             return CredentialsError(f"{what}: access denied by the server ({code or status})")
+        if code in CONFIG_CODES:
+            return ConfigError(f"{what}: the server refused the request ({code})", hint=CONFIG_CODES[code])
         return StorageUnavailableError(f"{what}: server answered {code or status}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return CredentialsError(f"{what}: no credentials to sign with ({type(exc).__name__})")
     if isinstance(exc, EndpointConnectionError):
         return StorageUnavailableError(f"{what}: cannot connect to the object storage endpoint")
     if isinstance(exc, BotoCoreError):
