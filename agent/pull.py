@@ -245,7 +245,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
             for name in snap.manifest.blobs():
                 cache.forget_verified(name)
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
-                              keep_partials=set(snap.manifest.blobs()),
+                              keep_partials=set(snap.manifest.blobs()), revision=opts.revision,
                               log=lambda m: out.event("pull.clean", m))  # 3. clean
         plan = make_plan(cache, snap, cleaned.valid_blobs, limits)  # 4. plan
         result.blobs_present = len(plan.present)
