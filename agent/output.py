@@ -114,7 +114,7 @@ class Spinner:
 
     def __enter__(self) -> Spinner:
         self.started = time.monotonic()
-        if not self.out.interactive:
+        if not (self.out.interactive and self.out.stream.isatty()):
             self.out.event(self.name, self.message)
             return self
         self._thread = threading.Thread(target=self._spin, name="spinner", daemon=True)
