@@ -26,6 +26,8 @@ from agent.pull import PullOptions, pull_from_store
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
+from agent.testbed.model import generate_model
+from agent.testbed.seed import fake_commit, seed_cache
 from tests.support.fake_hub import FakeHub
 from tests.support.hf_cache import assert_clean_cache, hub_env, resolve_offline
 
@@ -174,6 +176,26 @@ def test_a_complete_read_only_cache_is_served_when_the_bucket_cannot_deliver(
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert (data["source"], data["commit"]) == ("cache", commit)
+
+
+def test_a_read_only_cache_of_an_older_commit_serves_it_and_says_why(
+        hub: FakeHub, staged: tuple[str, str], filled: Path, settings: Settings, settings_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """The bucket's main moved on; the volume cannot take the new commit: its own complete copy is
+    served, as with the bucket down, and the report says why."""
+    repo_id, old = staged
+    generate_model(tmp_path / "v2", seed=1)
+    new = fake_commit("v2")
+    seed_cache(tmp_path / "v2", tmp_path / "dev" / "hub", repo_id, new)
+    stage_from_cache(Store(settings), tmp_path / "dev" / "hub", repo_id, "main", quiet())
+    with read_only(filled):
+        proc = run_agent(agent_env(hub, filled, settings_env), "pull", repo_id, "--report",
+                         str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert (data["source"], data["commit"]) == ("cache", old)
+    assert "read-only" in data["fallback_reason"] and new[:12] in data["fallback_reason"]
+    assert hub.requests == []
 
 
 @pytest.mark.parametrize("storage", ["on", "off"])
