@@ -28,6 +28,7 @@ PART_SUFFIX = ".simswarm.part"
 STATE_SUFFIX = ".simswarm.json"
 MAX_PATH_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
+FILE_MODE = 0o644
 
 
 def is_commit(value: str) -> bool:
@@ -86,6 +87,10 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes 0600; a ref or manifest only its writer can read would break a cache filled by
+        # one user and served by another (a shared or read-only model volume): world-readable, as
+        # huggingface_hub's own files are.
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -134,6 +139,7 @@ class RepoCache:
         self.refs = self.repo_dir / "refs"
         self.trees = self.repo_dir / "trees"
         self.state = self.repo_dir / ".simswarm"
+        self.stamps = self.state / "verified"
         self.lock_path = self.hub_cache / ".locks" / self.folder / "simswarm-agent.lock"
 
     # -- paths ---------------------------------------------------------------------------------
@@ -161,7 +167,7 @@ class RepoCache:
         return self.trees / f"{self.snapshot_dir(commit).name}.json"
 
     def stamp_path(self, name: str) -> Path:
-        return self.state / "verified" / check_blob_name(name)
+        return self.stamps / check_blob_name(name)
 
     # -- writes --------------------------------------------------------------------------------
     def ensure_dirs(self) -> None:

@@ -7,7 +7,10 @@ is removed as a link, never through its target. What is removed or kept:
 - dangling links, links out of the repo's blobs/ folder, links of the requested commit to a bad blob;
 - regular files in the requested snapshot (a copied cache without links): moved into blobs/ when they
   verify, so their bytes are reused, removed otherwise;
-- refs that point at a commit with no snapshot (scan_cache_dir reports those as corruption).
+- refs that point at a commit with no snapshot (scan_cache_dir reports those as corruption);
+- a folder where the agent must write a file (`refs/<revision>`, `trees/<commit>.json`), a file where
+  it keeps a folder (`.simswarm/verified`, a parent of `refs/<revision>`): else every rerun would fail
+  on the same write.
 """
 
 from __future__ import annotations
@@ -46,9 +49,27 @@ def _unlink(path: Path, report: CleanReport, cache: RepoCache) -> None:
 def unplant_links(cache: RepoCache, report: CleanReport) -> None:
     """A cache folder that is itself a link could lead writes outside the cache: remove the link. A file
     where a folder belongs would make every later write fail: remove it too."""
-    for folder in (cache.repo_dir, cache.blobs, cache.snapshots, cache.refs, cache.trees, cache.state):
+    for folder in (cache.repo_dir, cache.blobs, cache.snapshots, cache.refs, cache.trees, cache.state,
+                   cache.stamps):
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             _unlink(folder, report, cache)
+
+
+def clear_the_way(cache: RepoCache, commit: str, revision: str | None, report: CleanReport) -> None:
+    """Remove what stands where the pull will write its ref and manifest: a folder in a file's place,
+    a file (or link) in a folder's place. All of it inside the model's folder; links are not followed."""
+    files = [cache.tree_path(commit)]
+    if revision is not None and not is_commit(revision):
+        ref = cache.ref_path(revision)
+        files.append(ref)
+        parent = ref.parent
+        while parent != cache.refs:  # refs/pr for refs/pr/1
+            if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                _unlink(parent, report, cache)
+            parent = parent.parent
+    for path in files:
+        if path.is_dir() and not path.is_symlink():
+            _unlink(path, report, cache)
 
 
 def clean_temporaries(cache: RepoCache, keep_partials: set[str], report: CleanReport) -> None:
@@ -157,7 +178,8 @@ def _ref_ok(cache: RepoCache, path: Path) -> bool:
 
 
 def clean_stale(cache: RepoCache, commit: str, manifest: Manifest, *, full: bool,
-                keep_partials: set[str], log: Callable[[str], None] | None = None) -> CleanReport:
+                keep_partials: set[str], log: Callable[[str], None] | None = None,
+                revision: str | None = None) -> CleanReport:
     """Run every clean-up step in order; returns what was removed, reused and found valid."""
     report = CleanReport()
     if not cache.repo_dir.exists() and not cache.repo_dir.is_symlink():
@@ -165,6 +187,7 @@ def clean_stale(cache: RepoCache, commit: str, manifest: Manifest, *, full: bool
     unplant_links(cache, report)
     if not cache.repo_dir.is_dir():
         return report
+    clear_the_way(cache, commit, revision, report)
     clean_temporaries(cache, keep_partials, report)
     check_blobs(cache, manifest, full, report)
     adopt_regular_files(cache, commit, manifest, full, report)

@@ -7,7 +7,6 @@ Each verb lives in `agent/commands/<verb>.py` with `add_parser(subparsers)`; the
 from __future__ import annotations
 
 import argparse
-import errno
 import signal
 import sys
 import traceback
@@ -16,7 +15,7 @@ from types import FrameType
 
 from agent import __version__
 from agent.commands import COMMANDS
-from agent.errors import EXIT_DISK, EXIT_SIGINT, EXIT_USAGE, AgentError, Interrupted
+from agent.errors import EXIT_SIGINT, EXIT_USAGE, Interrupted, as_agent_error
 from agent.output import Output
 from agent.settings import Settings
 
@@ -55,11 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         code: int = args.func(args, settings, out)
         return code
-    except AgentError as exc:
-        if args.debug:
-            traceback.print_exc()
-        out.error(exc.one_line(), exc.exit_code)
-        return exc.exit_code
     except Interrupted as exc:
         out.error(exc.one_line(), exc.exit_code)
         return exc.exit_code
@@ -68,13 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SIGINT
     except BrokenPipeError:
         return EXIT_USAGE
-    except OSError as exc:  # the local filesystem said no: a person can act on its one-line reason
+    except Exception as exc:  # the one place every failure becomes one line and a documented code
         if args.debug:
             traceback.print_exc()
-        code = EXIT_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
-        where = f": {exc.filename}" if exc.filename else ""
-        out.error(f"error: {exc.strerror or exc}{where} (check the path, its permissions and space)", code)
-        return code
+        error = as_agent_error(exc)
+        out.error(error.one_line(), error.exit_code)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from agent.errors import VerificationError
 from agent.launch import vllm_argv
-from agent.output import Output, human_bytes
+from agent.output import Output, Spinner, human_bytes
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.settings import Settings
 from agent.stage import stage_from_cache
@@ -70,8 +71,8 @@ def run_demo(out: Output, *, shards: int = 4, shard_bytes: int = 8 << 20, engine
     work = Path(tempfile.mkdtemp(prefix="simswarm-demo-"))
     server = SeaweedServer(work / "s3")
     try:
-        out.event("demo.server", "starting an embedded SeaweedFS S3 server on loopback ...")
-        server.start()
+        with Spinner(out, "demo.server", "starting an embedded SeaweedFS S3 server on loopback (about 10 s)"):
+            server.start()
         server.create_bucket("simswarm")
         settings = replace(Settings.from_env({**server.env(), "HF_HOME": str(work / "pod-hf-home")}))
 
@@ -99,6 +100,5 @@ def run_demo(out: Output, *, shards: int = 4, shard_bytes: int = 8 << 20, engine
         if keep:
             out.event("demo.keep", f"kept the demo folder {work}")
         else:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
+            out.event("demo.cleanup", f"removed the demo folder {work} (--keep keeps it)", folder=str(work))

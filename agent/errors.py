@@ -1,9 +1,16 @@
 """One small error hierarchy. Each error carries its exit code (DESIGN.md §7) and a one-line hint.
 
 The CLI prints `error: <message> (<hint>)` on one line, so a pod log shows cause and remedy together.
+Every failure ends as one of these: `from_os_error` maps the local filesystem's refusals by errno, and
+`InternalError` carries whatever nobody foresaw, so no exit status is ever undocumented.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import re
+import resource
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -15,9 +22,12 @@ EXIT_SIGTERM = 143
 
 
 class AgentError(Exception):
-    """Base of every error the agent reports to a person. Never carries a secret."""
+    """Base of every error the agent reports to a person. Never carries a secret.
 
-    exit_code = 1
+    Subclasses name their code; the base's is 3 (the model could not be delivered), never an
+    undocumented 1."""
+
+    exit_code = EXIT_NOT_AVAILABLE
     hint = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
@@ -64,6 +74,19 @@ class StorageUnavailableError(NotAvailableError):
     hint = "check MINIO_ENDPOINT and that the server is up"
 
 
+class ResourceLimitError(NotAvailableError):
+    """The pod ran out of open files, memory or threads on the bucket path. Not the bucket's fault and
+    nothing to repair: the Hub fallback (a few files at a time) may still deliver, so it is allowed."""
+
+    hint = "raise the pod's limits (ulimit -n, memory) or lower --concurrency"
+
+
+class InternalError(NotAvailableError):
+    """A failure nobody foresaw (a bug): reported in one line with its type, never as a traceback."""
+
+    hint = "a bug in simswarm-agent: rerun with --debug for the traceback and report it"
+
+
 class NotFoundError(NotAvailableError, FileNotFoundError):
     """One object or file that should exist does not."""
 
@@ -86,6 +109,26 @@ class DiskFullError(AgentError, OSError):
     hint = "free disk space or point --hf-home at a larger volume"
 
 
+class LocalFileError(ConfigError):
+    """The local filesystem refused a read or write for a reason a person must fix."""
+
+    hint = "check the path, its permissions and the disk"
+
+
+class PermissionDeniedError(LocalFileError):
+    hint = "the agent's user may not write there: check the folder's owner and mode, or use --hf-home"
+
+
+class ReadOnlyError(LocalFileError):
+    hint = "the path is on a read-only file system: point --hf-home (or the path named) at a writable one"
+
+
+class ReadOnlyCacheError(ReadOnlyError):
+    """The cache cannot be written, and what it holds is not a complete, verified copy to serve as is."""
+
+    hint = "fill the volume from a writable mount first (simswarm-agent pull), or use a writable --hf-home"
+
+
 class Interrupted(BaseException):
     """SIGTERM arrived; what was complete stays, partial parts are kept for resume.
 
@@ -106,3 +149,62 @@ class Interrupted(BaseException):
 class LaunchError(AgentError):
     exit_code = EXIT_USAGE
     hint = "install vLLM (`pip install simswarm-agent[vllm]`) or set --vllm-bin"
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM}
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN}
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def errno_in_text(text: str) -> int | None:
+    """The errno a message names, as Rust (`(os error 24)`) or Python (`[Errno 24]`) print it."""
+    match = _OS_ERROR_IN_TEXT.search(text)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
+def open_file_limit() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+def error_for_errno(number: int | None, message: str) -> AgentError:
+    """The agent's error for a local OS failure, with a hint that is true for that errno."""
+    if number in _DISK_FULL:
+        return DiskFullError(message)
+    if number == errno.EROFS:
+        return ReadOnlyError(message)
+    if number in _NO_PERMISSION:
+        return PermissionDeniedError(message, hint=f"{PermissionDeniedError.hint} (running as uid "
+                                                   f"{os.getuid()})")
+    if number in (errno.EMFILE, errno.ENFILE):
+        return ResourceLimitError(message, hint=f"raise the pod's open-file limit (ulimit -n, now "
+                                                f"{open_file_limit()}) or lower --concurrency")
+    if number in _OUT_OF_RESOURCES:
+        return ResourceLimitError(message, hint="the pod is short of memory or threads: raise its limits "
+                                                "or lower --concurrency")
+    return LocalFileError(message)
+
+
+def from_os_error(exc: OSError, what: str = "") -> AgentError:
+    """An OSError as the agent's error: `<what>: <reason>: <file>` in one line, mapped by errno."""
+    if isinstance(exc, AgentError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    prefix = f"{what}: " if what else ""
+    return error_for_errno(exc.errno, f"{prefix}{reason}{where}")
+
+
+def as_agent_error(exc: Exception) -> AgentError:
+    """Any failure as the agent's error: ours as they are, the filesystem's by errno (a person can act
+    on its one-line reason), anything else as an internal error naming its type (exit 3, never 1)."""
+    if isinstance(exc, AgentError):
+        return exc
+    if isinstance(exc, OSError):
+        return from_os_error(exc)
+    from agent.store import scrub_queries  # store imports this module
+
+    flat = " ".join(scrub_queries(str(exc)).split())[:300]
+    name = type(exc).__name__
+    return InternalError(f"unexpected {name}: {flat}" if flat else f"unexpected {name}")

@@ -24,12 +24,15 @@ from agent.errors import (
     DiskFullError,
     ManifestError,
     NotAvailableError,
+    ReadOnlyCacheError,
     UnsafePathError,
     VerificationError,
+    as_agent_error,
 )
 from agent.manifest import DEFAULT_PART_SIZE, parse_manifest
 from agent.output import Output, human_bytes
-from agent.pull import PullOptions, PullResult, cache_lock, pull_from_store
+from agent.pull import PullOptions, PullResult, cache_lock, pull_from_store, reading_lock
+from agent.ready import cache_writable
 from agent.settings import Settings
 from agent.stage import scan_local, stage_from_cache
 from agent.verify import audit_cache
@@ -53,13 +56,24 @@ def hub_offline(env: Mapping[str, str]) -> bool:
 
 
 def try_bucket(settings: Settings, opts: PullOptions, out: Output) -> PullResult | AgentError:
-    """The bucket's result, or why it cannot deliver (the errors that allow a fallback)."""
+    """The bucket's result, or why it cannot deliver (the errors that allow a fallback, and a read-only
+    cache, which may still hold a complete copy of another commit). Whatever else goes wrong on the
+    bucket path becomes the agent's error here: a pod out of open files, or a bug nobody foresaw, may
+    still be served from the Hub; a full disk or a refused path stops the pull (a person must act)."""
     if not settings.storage_enabled:
         return ConfigError("object storage is off: MINIO_ENDPOINT is not set", hint="set MINIO_ENDPOINT")
     try:
         return pull_from_store(settings, opts, out)
-    except BUCKET_CANNOT_DELIVER as exc:
+    except (*BUCKET_CANNOT_DELIVER, ReadOnlyCacheError) as exc:
         return exc
+    except AgentError:
+        raise
+    except Exception as exc:
+        error = as_agent_error(exc)
+        if not isinstance(error, BUCKET_CANNOT_DELIVER):
+            raise error from exc
+        error.__cause__ = exc  # --debug prints the original traceback
+        return error
 
 
 def fallback_refusal(allow_fallback: bool, env: Mapping[str, str]) -> str | None:
@@ -84,7 +98,7 @@ def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, al
     """Fill the cache from the bucket, else from the Hub; the result says which and why.
 
     Without the fallback the bucket's own error is raised (exit 3 not available, 4 verification; with
-    storage off, 2: nothing could ever deliver). A Hub failure is exit 3 naming both causes.
+    storage off, 3: the model is not in the cache). A Hub failure is exit 3 naming both causes.
     """
     env = os.environ if env is None else env
     outcome = try_bucket(settings, opts, out)  # 1. the bucket first, always
@@ -94,12 +108,19 @@ def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, al
     local = complete_local_snapshot(settings, opts, out, cause)  # 2. a complete copy already here?
     if local is not None:
         return local
+    if isinstance(cause, ReadOnlyCacheError):
+        raise cause  # the Hub could not write there either
+    cache = RepoCache(settings.hub_cache, opts.repo_id)
     refusal = fallback_refusal(allow_fallback, env)  # 3. may we use the Hub?
     if refusal is not None:
-        if not settings.storage_enabled:
-            raise ConfigError(f"{opts.repo_id}: {cause}, and {refusal}",
-                              hint="set MINIO_ENDPOINT, or allow the Hugging Face fallback")
+        if not settings.storage_enabled:  # a valid setup (a pre-filled volume) whose cache lacks the model
+            raise NotAvailableError(
+                f"{opts.repo_id}: {cause}, the cache holds no complete copy, and {refusal}",
+                hint="set MINIO_ENDPOINT, fill the cache, or allow the Hugging Face fallback")
         raise explained(cause, refusal)
+    if not cache_writable(cache):
+        raise ReadOnlyCacheError(f"{opts.repo_id}: {one_line(str(cause))}; the cache {settings.hub_cache} is "
+                                 "read-only and holds no complete copy, so the Hub fallback cannot fill it")
     reason = f"bucket could not deliver: {one_line(str(cause))}"
     out.event("pull.fallback", f"{opts.repo_id}@{opts.revision}: {reason}; downloading from the Hub",
               reason=reason, error=type(cause).__name__)
@@ -122,7 +143,7 @@ def complete_local_snapshot(settings: Settings, opts: PullOptions, out: Output,
     if commit is None or not cache.tree_path(commit).is_file():
         return None
     started = time.monotonic()
-    with cache_lock(cache, out):
+    with reading_lock(cache, out):
         try:
             manifest = parse_manifest(cache.tree_path(commit).read_bytes())
         except ManifestError:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import IO, Any
 
 from agent.redact import redact_url
@@ -92,6 +94,52 @@ class Progress:
             self._draw(time.monotonic())
             self.out.stream.write("\n")
             self.out.stream.flush()
+
+
+class Spinner:
+    """A slow step that shows it is alive: a turning mark and the seconds spent, redrawn in place on a
+    terminal, then one line saying how long it took; elsewhere one plain event line (a pod log or a
+    JSON consumer wants no carriage returns)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, out: Output, name: str, message: str, interval: float = 0.1) -> None:
+        self.out = out
+        self.name = name
+        self.message = message
+        self.interval = interval
+        self.started = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Spinner:
+        self.started = time.monotonic()
+        if not (self.out.interactive and self.out.stream.isatty()):
+            self.out.event(self.name, self.message)
+            return self
+        self._thread = threading.Thread(target=self._spin, name="spinner", daemon=True)
+        self._thread.start()
+        return self
+
+    def _spin(self) -> None:
+        frame = 0
+        while True:
+            elapsed = time.monotonic() - self.started
+            self.out.stream.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.message} {elapsed:.0f}s ")
+            self.out.stream.flush()
+            frame += 1
+            if self._stop.wait(self.interval):
+                return
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        outcome = "failed after" if exc_type is not None else "done in"
+        self.out.stream.write(f"\r{self.message} {outcome} {time.monotonic() - self.started:.1f}s\x1b[K\n")
+        self.out.stream.flush()
 
 
 def human_bytes(n: float) -> str:

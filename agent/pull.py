@@ -1,7 +1,9 @@
 """`pull`: fill the local cache from the bucket. The story, stage by stage:
 
-1. lock the model's cache folder (a second agent waits, then finds the work done);
-2. read the manifest from the bucket (compact or legacy form);
+1. read the manifest from the bucket (compact or legacy form);
+2. if the snapshot is already complete and verified here, use it as it is, writing nothing (a read-only
+   volume is served so); else lock the model's cache folder (a second agent waits, then finds the work
+   done);
 3. clean stale pre-seeds, keeping every blob that verifies;
 4. plan the byte ranges still missing, and check the disk;
 5. transfer with the chosen engine; each blob is verified as soon as its last part lands (overlapping
@@ -26,7 +28,7 @@ from agent.cache import RepoCache, is_commit
 from agent.clean import clean_stale
 from agent.engines import pick_engine
 from agent.engines.base import BlobJob, Engine, Limits, Part, TransferHooks
-from agent.errors import VerificationError
+from agent.errors import ReadOnlyCacheError, VerificationError
 from agent.manifest import FileEntry, part_count, part_ranges
 from agent.output import Output, Progress, human_bytes
 from agent.plan import (
@@ -40,12 +42,14 @@ from agent.plan import (
     size_limits,
     write_part_state,
 )
+from agent.ready import as_is_problem, cache_writable, refuse_read_only
 from agent.remote import RemoteRepo, StagedSnapshot
 from agent.s3read import ObjectReader, open_reader
 from agent.settings import Settings
 from agent.verify import StreamingCheck, check_content
 
 URL_EXPIRY = 6 * 3600  # a slow pull of a large model must not outlive its URLs
+_CANNOT_WRITE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -99,8 +103,14 @@ def open_lock_file(path: Path) -> int:
 @contextlib.contextmanager
 def cache_lock(cache: RepoCache, out: Output) -> Iterator[None]:
     """An exclusive lock per model folder under .locks/ (where huggingface_hub keeps its own)."""
-    cache.lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = open_lock_file(cache.lock_path)
+    try:
+        cache.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = open_lock_file(cache.lock_path)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE:
+            raise
+        raise ReadOnlyCacheError(f"{cache.repo_id}: cannot write in the cache {cache.hub_cache} "
+                                 f"({exc.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,6 +120,16 @@ def cache_lock(cache: RepoCache, out: Output) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def reading_lock(cache: RepoCache, out: Output) -> Iterator[None]:
+    """The lock while only reading, so a writer at work is waited for; none where nobody may write."""
+    with contextlib.ExitStack() as stack:
+        if cache_writable(cache):
+            with contextlib.suppress(ReadOnlyCacheError):
+                stack.enter_context(cache_lock(cache, out))
+        yield
 
 
 REPAIR_ROUNDS = 6  # reads of a blob without part digests, at most, before its bytes are judged corrupt
@@ -316,17 +336,22 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
     engine = pick_engine(opts.engine, settings)
     limits = size_limits(opts.concurrency)
     result = PullResult("minio", engine.name, opts.repo_id, opts.revision, verified=opts.verify)
-    with cache_lock(cache, out):
-        snap = RemoteRepo(store, opts.repo_id).load(opts.revision)  # 2. list + manifest
-        result.commit = snap.commit
-        out.event("pull.manifest", f"{opts.repo_id}@{snap.commit[:12]}: {len(snap.manifest.files)} files, "
-                  f"{human_bytes(snap.manifest.total_size)} ({snap.form} form)",
-                  commit=snap.commit, files=len(snap.manifest.files), bytes=snap.manifest.total_size)
+    snap = RemoteRepo(store, opts.repo_id).load(opts.revision)  # 1. list + manifest
+    result.commit = snap.commit
+    out.event("pull.manifest", f"{opts.repo_id}@{snap.commit[:12]}: {len(snap.manifest.files)} files, "
+              f"{human_bytes(snap.manifest.total_size)} ({snap.form} form)",
+              commit=snap.commit, files=len(snap.manifest.files), bytes=snap.manifest.total_size)
+    problem = as_is_problem(cache, snap.commit, snap.manifest, opts.revision, full=opts.full,
+                            rehash=opts.rehash)  # 2. complete already? read only
+    if problem is None:
+        return used_as_is(result, cache, snap, started, out)
+    refuse_read_only(cache, snap.commit, problem)
+    with cache_lock(cache, out):  # something must be written: from here on, one agent at a time
         if opts.rehash:
             for name in snap.manifest.blobs():
                 cache.forget_verified(name)
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
-                              keep_partials=set(snap.manifest.blobs()),
+                              keep_partials=set(snap.manifest.blobs()), revision=opts.revision,
                               log=lambda m: out.event("pull.clean", m))  # 3. clean
         plan = make_plan(cache, snap, cleaned.valid_blobs, engine, check_parts=opts.full)  # 4. plan
         result.blobs_present = len(plan.present)
@@ -345,6 +370,17 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         result.snapshot_path = str(place(cache, snap, opts.revision))  # 6. links, ref, manifest
         result.files = len(snap.manifest.files)
     result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def used_as_is(result: PullResult, cache: RepoCache, snap: StagedSnapshot, started: float,
+               out: Output) -> PullResult:
+    result.source = "cache"
+    result.snapshot_path = str(cache.snapshot_dir(snap.commit))
+    result.files = len(snap.manifest.files)
+    result.blobs_present = len(snap.manifest.blobs())
+    result.seconds = round(time.monotonic() - started, 3)
+    out.event("pull.warm", "everything is present and verified: nothing to download or write")
     return result
 
 

@@ -58,6 +58,18 @@ class ObjectReader(Protocol):
     def presign(self, key: str, *, expires: int = 3600) -> str: ...
 
 
+def require_credentials(settings: Settings) -> None:
+    """Both keys, before any request: without them botocore searches ~/.aws and the instance metadata
+    service, then fails with NoCredentialsError, which would read as a server problem."""
+    missing = [name for name, value in (("MINIO_ACCESS_KEY", settings.access_key),
+                                        ("MINIO_SECRET_KEY", settings.secret_key)) if not value]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise CredentialsError(f"{' / '.join(missing)} {verb} not set",
+                               hint="set both for the bucket at MINIO_ENDPOINT, or unset MINIO_ENDPOINT "
+                                    "to turn object storage off")
+
+
 class _Retry(Exception):
     def __init__(self, error: AgentError, retry_after: float | None = None) -> None:
         super().__init__(str(error))
@@ -69,6 +81,7 @@ class NativeReader:
     """One bucket, read with URLs signed by the native extension and sent with `http.client`."""
 
     def __init__(self, settings: Settings, native: ModuleType) -> None:
+        require_credentials(settings)
         self.native = native
         self.bucket = settings.bucket
         self.target = {"endpoint": settings.require_storage(), "region": settings.region,

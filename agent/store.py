@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from agent.errors import (
     AgentError,
@@ -27,11 +33,11 @@ from agent.errors import (
 )
 from agent.redact import SIGNING_LOGGERS, RedactSignatures, redact_signing_logs, redact_url, scrub_queries
 from agent.retry import backoff_delay
-from agent.s3read import ObjectInfo
+from agent.s3read import ObjectInfo, require_credentials
 from agent.settings import Settings
 
 __all__ = ["SIGNING_LOGGERS", "ObjectInfo", "RedactSignatures", "Store", "redact_signing_logs", "redact_url",
-           "scrub_queries", "translate"]
+           "require_credentials", "scrub_queries", "translate"]
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -42,10 +48,15 @@ log = logging.getLogger(__name__)
 UPLOAD_CONFIG = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
+# Refusals a person fixes in the pod's configuration, not by waiting for the server: no fallback.
+CONFIG_CODES = {"RequestTimeTooSkewed": "the pod's clock is off by minutes: fix its time sync (NTP)",
+                "AuthorizationHeaderMalformed": "the signing region is wrong: set MINIO_REGION",
+                "InvalidBucketName": "check MINIO_BUCKET"}
 
 
 def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
     endpoint = settings.require_storage()
+    require_credentials(settings)
     redact_signing_logs()
     config = Config(
         signature_version="s3v4",
@@ -80,7 +91,11 @@ def translate(exc: Exception, what: str) -> AgentError:
             return ConfigError(f"{what}: the bucket does not exist", hint="check MINIO_BUCKET")
         if code in CREDENTIAL_CODES or status == "403":
             return CredentialsError(f"{what}: access denied by the server ({code or status})")
+        if code in CONFIG_CODES:
+            return ConfigError(f"{what}: the server refused the request ({code})", hint=CONFIG_CODES[code])
         return StorageUnavailableError(f"{what}: server answered {code or status}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return CredentialsError(f"{what}: no credentials to sign with ({type(exc).__name__})")
     if isinstance(exc, EndpointConnectionError):
         return StorageUnavailableError(f"{what}: cannot connect to the object storage endpoint")
     if isinstance(exc, BotoCoreError):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from agent.engines import ENGINES
+from agent.errors import UsageError
 from agent.output import Output
 from agent.settings import Settings
+
+MAX_SHARDS = 256
+MAX_SHARD_MIB = 4096  # the demo generates and stores the model twice: keep it a demo
 
 
 def add_parser(sub: Any) -> None:
@@ -20,10 +25,20 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def check_sizes(shards: int, shard_mib: int) -> None:
+    for flag, value, most in (("--shards", shards, MAX_SHARDS), ("--shard-mib", shard_mib, MAX_SHARD_MIB)):
+        if not 1 <= value <= most:
+            raise UsageError(f"{flag} must be between 1 and {most}, got {value}")
+
+
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    check_sizes(args.shards, args.shard_mib)  # before a server starts or a byte is generated
     from agent.demo import run_demo  # the test bed (SeaweedFS, safetensors) is needed only here
 
     del settings  # the demo configures its own embedded server and cache
+    started = time.monotonic()
     run_demo(out, shards=args.shards, shard_bytes=args.shard_mib << 20, engine=args.engine, keep=args.keep)
-    out.event("demo.done", "demo finished: the agent staged, pulled and proved a model end to end")
+    seconds = time.monotonic() - started
+    out.event("demo.done", f"demo finished in {seconds:.1f}s: the agent staged, pulled and proved a model "
+              "end to end", seconds=round(seconds, 3))
     return 0

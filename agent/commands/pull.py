@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.cache import atomic_write, check_repo_id
 from agent.engines import ENGINES
+from agent.errors import UsageError
 from agent.fallback import pull_with_fallback
 from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult
@@ -38,13 +39,31 @@ def add_pull_options(parser: argparse.ArgumentParser, *, with_model: bool = True
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the pull")
 
 
+# Shown under `pull --help` and `serve --help`: a new user's first question is where the bucket is set.
+ENVIRONMENT_HELP = """environment:
+  MINIO_ENDPOINT                      host:port or http(s) URL of the S3 server; unset: storage is off
+  MINIO_ACCESS_KEY, MINIO_SECRET_KEY  the bucket's credentials (never printed or logged)
+  MINIO_BUCKET                        bucket (default: simswarm)
+  MINIO_SECURE                        true for https with host:port (default: false)
+  MINIO_REGION                        SigV4 signing region (default: us-east-1)
+  HF_HOME, HF_HUB_CACHE               where the cache goes (as huggingface_hub reads them)
+  HF_TOKEN, HF_ENDPOINT               for the Hugging Face fallback
+
+exit codes: 0 ready, 2 usage or configuration, 3 model not available, 4 verification failed,
+5 not enough disk, 130/143 interrupted"""
+
+
 def add_parser(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser("pull", help="fill the local cache from the bucket")
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "pull", help="fill the local cache from the bucket", epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pull_options(parser)
     parser.set_defaults(func=run)
 
 
 def options_from(args: argparse.Namespace) -> PullOptions:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
     return PullOptions(check_repo_id(args.model), args.revision, args.engine, args.verify, args.rehash,
                        args.concurrency)
 

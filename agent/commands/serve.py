@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from agent.commands.pull import add_pull_options, options_from, summarize, write_report
+from agent.commands.pull import ENVIRONMENT_HELP, add_pull_options, options_from, summarize, write_report
 from agent.errors import UsageError
 from agent.fallback import pull_with_fallback
 from agent.launch import exec_vllm, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
@@ -34,7 +34,8 @@ def add_parser(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "serve", help="pull the model, then exec `vllm serve` on it (offline)",
         description="Pull MODEL (bucket first, Hub fallback), then replace this process with "
-                    "`vllm serve MODEL --served-model-name MODEL VLLM_ARGS`; vLLM's arguments go after `--`.")
+                    "`vllm serve MODEL --served-model-name MODEL VLLM_ARGS`; vLLM's arguments go after `--`.",
+        epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_options(parser, with_model=False)
     parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="MODEL [options] [-- VLLM_ARGS ...]",
                         help="Hugging Face repo id, pull options, then `--` and vLLM's own arguments")

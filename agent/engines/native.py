@@ -19,11 +19,14 @@ from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, Transfer
 from agent.errors import (
     AgentError,
     CredentialsError,
-    DiskFullError,
+    InternalError,
     NotFoundError,
+    ResourceLimitError,
     StorageUnavailableError,
     UsageError,
     VerificationError,
+    errno_in_text,
+    error_for_errno,
 )
 from agent.redact import scrub_queries
 
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
     from agent._native import _News as News
 
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports, signal checks and cancellation points
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# Failures of a socket or thread that come from the pod's own limits, whatever the engine was doing.
+_LOCAL_LIMITS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 
 
 def _extension() -> ModuleType | None:
@@ -94,7 +98,7 @@ class NativeEngine:
                 progress_interval=self.progress_interval,
                 report=_news_handler(jobs, hooks) if hooks else None,
             )
-        except native.FetchError as exc:
+        except (native.FetchError, RuntimeError, ValueError, OverflowError) as exc:
             raise translate(exc) from None
 
 
@@ -132,25 +136,38 @@ def to_spec(job: BlobJob) -> JobSpec:
     }
 
 
-def translate(exc: FetchError) -> AgentError:
-    """The extension's error as the agent's, with its exit code; no query string in the text."""
+def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> AgentError:
+    """The extension's error as the agent's, with a documented exit code and a hint true for its cause;
+    no query string in the text. Besides its FetchError family the extension raises RuntimeError when
+    its runtime cannot start (out of open files or threads) and ValueError/OverflowError for arguments
+    it refuses (a bug on our side: the agent checks what users give)."""
     from agent import _native
 
     message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
-        status = exc.status
-        if status == 403:
-            return CredentialsError(message)
-        if status == 404:
-            return NotFoundError(message)
-        if status == 416:
-            return VerificationError(message, hint="the object is shorter than the manifest says; "
-                                                   "re-stage the model")
-        return StorageUnavailableError(message)
+        return _status_error(getattr(exc, "status", 0), message)
     if isinstance(exc, _native.DigestMismatchError):
         return VerificationError(message)
     if isinstance(exc, _native.FileWriteError):
-        if exc.errno in _DISK_FULL:
-            return DiskFullError(message)
-        return AgentError(message, hint="check that the cache directory exists and is writable")
+        return error_for_errno(getattr(exc, "errno", None), message)
+    number = errno_in_text(message)
+    if number in _LOCAL_LIMITS:  # the pod's limits, not the server: say so
+        return error_for_errno(number, message)
+    if isinstance(exc, _native.TransferError):
+        return StorageUnavailableError(message)
+    if isinstance(exc, RuntimeError):
+        return ResourceLimitError(message, hint="the native engine could not start its threads: raise the "
+                                                "pod's limits, or use --engine python")
+    return InternalError(f"native engine: {type(exc).__name__}: {message}",
+                         hint="a bug in simswarm-agent: use --engine python, and report it")
+
+
+def _status_error(status: int, message: str) -> AgentError:
+    if status == 403:
+        return CredentialsError(message)
+    if status == 404:
+        return NotFoundError(message)
+    if status == 416:
+        return VerificationError(message, hint="the object is shorter than the manifest says; "
+                                               "re-stage the model")
     return StorageUnavailableError(message)

@@ -9,6 +9,7 @@ parent handles the signal and terminates them, so an interrupted pull unwinds in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 import urllib3
@@ -26,13 +28,20 @@ from agent.errors import (
     AgentError,
     CredentialsError,
     NotFoundError,
+    ResourceLimitError,
     StorageUnavailableError,
     VerificationError,
+    errno_in_text,
+    error_for_errno,
+    from_os_error,
 )
 from agent.redact import scrub_queries
 from agent.retry import backoff_delay, parse_retry_after
 
 CHUNK = 1 << 20
+# Errors of the pod's own disk and limits, as opposed to a socket's (reset, refused, timed out).
+LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                errno.EACCES, errno.EPERM, errno.EIO, errno.EBADF, errno.ENOENT}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _POOL: urllib3.PoolManager | None = None
 
@@ -170,7 +179,13 @@ def _final_error(task: PartTask, exc: Exception) -> AgentError:
     # urllib3 names the request path with its query (MaxRetryError: "... with url: /b/k?X-Amz-..."), with
     # or without a scheme: strip every query string, not only those of full URLs.
     reason = scrub_queries(str(exc))
-    return StorageUnavailableError(f"{where}: gave up after retries ({type(exc).__name__}: {reason[:200]})")
+    message = f"{where}: gave up after retries ({type(exc).__name__}: {reason[:200]})"
+    # A socket error is the server's or the network's; these are the pod's own (urllib3 keeps the
+    # errno only in its text): a hint about MINIO_ENDPOINT would send a person the wrong way.
+    number = exc.errno if isinstance(exc, OSError) and exc.errno else errno_in_text(reason)
+    if number in LOCAL_ERRNOS:
+        return error_for_errno(number, message)
+    return StorageUnavailableError(message)
 
 
 class PythonEngine:
@@ -194,11 +209,18 @@ class PythonEngine:
         # unsafe) without paying spawn's full interpreter start per worker.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["agent.engines.python"])
-        executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
         try:
-            self._run(executor, tasks, limits, progress, on_part_done)
-        finally:
-            _stop(executor)
+            executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            try:
+                self._run(executor, tasks, limits, progress, on_part_done)
+            finally:
+                _stop(executor)
+        except BrokenProcessPool as exc:  # a worker vanished: the OOM killer is the usual cause
+            raise ResourceLimitError(f"a download worker process died ({exc})",
+                                     hint="the pod may be short of memory: raise its limit, lower "
+                                          "--concurrency, or use --engine native") from None
+        except OSError as exc:  # opening a part file, or starting workers (out of files or processes)
+            raise from_os_error(exc, "python engine") from None
 
     def _run(self, executor: ProcessPoolExecutor, tasks: list[tuple[BlobJob, Part]], limits: Limits,
              progress: ProgressFn, on_part_done: PartDoneFn) -> None:

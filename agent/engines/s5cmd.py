@@ -19,6 +19,7 @@ other engines.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -37,7 +38,15 @@ from pathlib import Path
 from typing import IO
 
 from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
-from agent.errors import AgentError, CredentialsError, DiskFullError, NotFoundError, StorageUnavailableError
+from agent.errors import (
+    AgentError,
+    CredentialsError,
+    DiskFullError,
+    NotFoundError,
+    StorageUnavailableError,
+    error_for_errno,
+    from_os_error,
+)
 from agent.redact import scrub_queries
 from agent.settings import Settings
 
@@ -54,6 +63,8 @@ DROPPED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL",
                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "HF_TOKEN")
 DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
+LOCAL_MARKERS = {"too many open files": errno.EMFILE, "read-only file system": errno.EROFS,
+                 "permission denied": errno.EACCES, "cannot allocate memory": errno.ENOMEM}
 CREDENTIAL_MARKERS = ("status code: 403", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied",
                       "NoCredentialProviders", "ExpiredToken")
 MISSING_MARKERS = ("status code: 404", "NoSuchKey", "NoSuchBucket", "NotFound")
@@ -151,6 +162,9 @@ def classify(errors: Sequence[str], returncode: int, missing: int, total: int,
     joined = "\n".join(texts)
     if any(marker in joined.lower() for marker in DISK_FULL_MARKERS):
         return DiskFullError(message)
+    for marker, number in LOCAL_MARKERS.items():  # the pod's own refusals: a hint about them, not the server
+        if marker in joined.lower():
+            return error_for_errno(number, message)
     if any(marker in joined for marker in CREDENTIAL_MARKERS):
         return CredentialsError(message)
     if any(marker in joined for marker in MISSING_MARKERS):
@@ -251,6 +265,13 @@ class S5cmdEngine:
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
+        try:
+            self._fetch(jobs, limits, progress, on_part_done)
+        except OSError as exc:  # the commands file, the truncation, or starting s5cmd (out of files)
+            raise from_os_error(exc, "s5cmd engine") from None
+
+    def _fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+               on_part_done: PartDoneFn) -> None:
         jobs = [job for job in jobs if job.parts]
         if not jobs:
             return

@@ -213,3 +213,26 @@ def test_pull_onto_a_disk_too_small_exits_5(cli, tiny_filesystem: Path, hf_cache
     assert "disk" in str(error["message"])
     blobs = RepoCache(tiny_filesystem / "hub", repo_id).blobs
     assert not blobs.exists() or list(blobs.iterdir()) == []
+
+
+@pytest.mark.parametrize("unset", [("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"), ("MINIO_SECRET_KEY",)])
+@pytest.mark.parametrize("fallback", [[], ["--no-fallback"]])
+def test_an_endpoint_without_keys_is_a_configuration_error_that_names_the_variables(  # type: ignore[no-untyped-def]
+        cli, model_repo: tuple[str, str], unset: tuple[str, ...], fallback: list[str]) -> None:
+    """Not a server problem (botocore's NoCredentialsError read as one, exit 3): the pod's setup is
+    wrong, so exit 2, no fallback, and the line says which variables to set."""
+    run = cli("pull", model_repo[0], "--engine", "python", *fallback, env=dict.fromkeys(unset, ""))
+    error = assert_one_line_error(run, 2)
+    message = str(error["message"])
+    assert f"{' / '.join(unset)} {'are' if len(unset) == 2 else 'is'} not set" in message
+    assert "NoCredentialsError" not in message and "server is up" not in message
+    assert not any(e["event"] == "pull.fallback" for e in run.json_lines())
+
+
+def test_pull_help_names_the_variables_that_configure_it(cli) -> None:  # type: ignore[no-untyped-def]
+    for command in ("pull", "serve"):
+        run = cli(command, "--help")
+        assert run.code == 0
+        for variable in ("MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "MINIO_BUCKET",
+                         "MINIO_SECURE", "HF_HOME", "HF_TOKEN"):
+            assert variable in run.stdout, (command, variable)

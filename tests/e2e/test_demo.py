@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_stages_pulls_and_proves_a_model_then_cleans_up(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
@@ -20,3 +22,24 @@ def test_demo_stages_pulls_and_proves_a_model_then_cleans_up(tmp_path: Path) -> 
     assert "no warnings" in events["demo.verify"]["message"]
     assert "--served-model-name simswarm-demo/tiny-llama" in events["demo.serve"]["message"]
     assert not any(p.name.startswith("simswarm-demo-") for p in tmp_path.iterdir())  # cleaned up
+    # ... and it says so, how to keep it, and how long the whole run took
+    cleanup = events["demo.cleanup"]
+    assert cleanup["message"] == f"removed the demo folder {cleanup['folder']} (--keep keeps it)"
+    assert Path(str(cleanup["folder"])).parent == tmp_path
+    done = events["demo.done"]
+    assert done["message"].startswith(f"demo finished in {done['seconds']:.1f}s")
+    assert 0 < done["seconds"] < 240
+    assert "\r" not in proc.stderr  # no spinner frames off a terminal: one plain line for the server start
+    assert events["demo.server"]["message"].startswith("starting an embedded SeaweedFS S3 server")
+
+
+@pytest.mark.parametrize("flags", [["--shards", "0"], ["--shard-mib", "0"], ["--shards", "-3"],
+                                   ["--shard-mib", "100000"]])
+def test_demo_sizes_out_of_range_are_one_line_and_exit_2(flags: list[str], tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "agent", "--log-format", "text", "demo", *flags], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"error: {flags[0]} must be between 1 and ") and flags[1] in line
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing generated

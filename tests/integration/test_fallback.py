@@ -156,13 +156,15 @@ def test_no_fallback_keeps_the_bucket_error(hub: FakeHub, model_repo: tuple[str,
     assert not (tmp_path / "r1.json").exists() and not (tmp_path / "r2.json").exists()
 
 
-def test_storage_off_without_fallback_is_a_configuration_error(hub: FakeHub, model_repo: tuple[str, str],
-                                                               tmp_path: Path) -> None:
+def test_storage_off_without_fallback_and_no_copy_in_the_cache_is_not_available_exit_3(
+        hub: FakeHub, model_repo: tuple[str, str], tmp_path: Path) -> None:
+    """Storage off and no fallback is a valid setup (a pre-filled model volume), so a cache without the
+    model is "not available" (3, as the README's table says), not a configuration error (2)."""
     proc = run_pull(agent_env(hub, tmp_path / "hf-home", None), model_repo[0], tmp_path / "r.json",
                     "--no-fallback")
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     [line] = error_lines(proc)
-    assert "MINIO_ENDPOINT is not set" in line and "--no-fallback" in line
+    assert "MINIO_ENDPOINT is not set" in line and "--no-fallback" in line and "no complete copy" in line
     assert hub.requests == []
 
 

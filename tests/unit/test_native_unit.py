@@ -22,7 +22,12 @@ import pytest
 import agent
 from agent.engines import pick_engine
 from agent.engines.base import BlobJob, Limits, Part
-from agent.errors import AgentError, DiskFullError, StorageUnavailableError, VerificationError
+from agent.errors import (
+    DiskFullError,
+    PermissionDeniedError,
+    StorageUnavailableError,
+    VerificationError,
+)
 
 native = pytest.importorskip("agent._native")
 from agent.engines.native import NativeEngine, translate  # noqa: E402
@@ -123,7 +128,8 @@ def test_engine_maps_native_errors_to_agent_errors() -> None:
     assert isinstance(translate(made(native.TransferError)), StorageUnavailableError)
     assert isinstance(translate(made(native.FileWriteError, errno=errno.ENOSPC)), DiskFullError)
     other = translate(made(native.FileWriteError, errno=errno.EACCES))
-    assert type(other) is AgentError and "X-Amz" not in str(other) and "?" not in str(other)
+    assert isinstance(other, PermissionDeniedError) and other.exit_code == 2
+    assert "X-Amz" not in str(other) and "?" not in str(other)
 
 
 def test_engine_raises_storage_unavailable_when_the_server_is_down(tmp_path: Path, closed_port: int) -> None:
