@@ -135,7 +135,6 @@ def reading_lock(cache: RepoCache, out: Output) -> Iterator[None]:
 REPAIR_ROUNDS = 6  # reads of a blob without part digests, at most, before its bytes are judged corrupt
 CHECKPOINT_SECONDS = 0.25  # how often progress inside parts is saved for a rerun after SIGKILL
 CHECKPOINT_MIN_BYTES = 1 << 20  # a smaller one-part blob is fetched again rather than checkpointed
-STAMP_MIN_BYTES = 1 << 20  # re-hashing a smaller blob on a warm start costs what reading its stamp does
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,7 @@ class Finisher:
         os.replace(self.cache.part_path(name), self.cache.blob_path(name))
         with contextlib.suppress(FileNotFoundError):
             self.cache.part_state_path(name).unlink()
-        if self.policy.full and self.blobs[name].entry.size >= STAMP_MIN_BYTES:
+        if self.policy.full:
             self.cache.remember_verified(name)
         return None
 

@@ -213,15 +213,19 @@ class _Tracker:
         self.pending = {os.path.abspath(j.temp_path): j for j in jobs}
 
     def poll(self) -> bool:
-        """Report the growth of s5cmd's temporary files; True when any grew."""
+        """Report the growth of s5cmd's temporary files; True when any grew. One listing per folder and
+        one pass over it per poll, whatever the number of pending jobs (a model may have 20,000)."""
         grew = False
-        listings: dict[Path, list[str]] = {}
-        for dest, job in self.pending.items():
-            folder = job.temp_path.parent
-            if folder not in listings:
-                with contextlib.suppress(FileNotFoundError):
-                    listings[folder] = os.listdir(folder)
-            landed = sum(_allocated(p) for p in s5cmd_temporaries(job, listings.get(folder, [])))
+        temporaries: dict[str, list[Path]] = {}  # pending destination -> s5cmd's files for it
+        for folder in {job.temp_path.parent for job in self.pending.values()}:
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(folder):
+                    base = name.rstrip("0123456789")
+                    dest = os.path.abspath(folder / base)
+                    if base != name and dest in self.pending:
+                        temporaries.setdefault(dest, []).append(folder / name)
+        for dest, files in temporaries.items():
+            landed = sum(_allocated(p) for p in files)
             grew = self._advance(dest, min(landed, self.total[dest])) or grew
         return grew
 
