@@ -1,7 +1,8 @@
 """`pull`: fill the local cache from the bucket. The story, stage by stage:
 
 1. lock the model's cache folder (a second agent waits, then finds the work done);
-2. read the manifest from the bucket (compact or legacy form);
+2. read the manifest from the bucket (compact or legacy form), narrowed to the selected files
+   (`agent.selection`: everything, or only what vLLM will read);
 3. clean stale pre-seeds, keeping every blob that verifies;
 4. plan the byte ranges still missing, and check the disk;
 5. transfer with the chosen engine; each blob is verified as soon as its last part lands (overlapping
@@ -30,8 +31,10 @@ from agent.manifest import part_count
 from agent.output import Output, Progress, human_bytes
 from agent.plan import Plan, blob_jobs, check_disk, discard_partial, plan_blob, size_limits, write_part_state
 from agent.remote import RemoteRepo, StagedSnapshot
+from agent.selection import Selection
 from agent.settings import Settings
 from agent.store import Store
+from agent.subset import narrow
 from agent.verify import StreamingCheck, check_content
 
 URL_EXPIRY = 6 * 3600  # a slow pull of a large model must not outlive its URLs
@@ -45,6 +48,7 @@ class PullOptions:
     verify: str = "full"
     rehash: bool = False
     concurrency: int | None = None
+    selection: Selection = field(default_factory=Selection)
 
     @property
     def full(self) -> bool:
@@ -66,6 +70,10 @@ class PullResult:
     blobs_fetched: int = 0
     blobs_present: int = 0
     retries: int = 0
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+    selection: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -216,13 +224,16 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         out.event("pull.manifest", f"{opts.repo_id}@{snap.commit[:12]}: {len(snap.manifest.files)} files, "
                   f"{human_bytes(snap.manifest.total_size)} ({snap.form} form)",
                   commit=snap.commit, files=len(snap.manifest.files), bytes=snap.manifest.total_size)
+        subset = narrow(store, cache, snap, opts.selection, out)  # 2b. only the files asked for
+        snap = subset.snap
         if opts.rehash:
             for name in snap.manifest.blobs():
                 cache.forget_verified(name)
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
-                              keep_partials=set(snap.manifest.blobs()),
+                              keep_partials=set(snap.manifest.blobs()), keep_blobs=subset.keep_on_disk,
                               log=lambda m: out.event("pull.clean", m))  # 3. clean
-        plan = make_plan(cache, snap, cleaned.valid_blobs, limits)  # 4. plan
+        valid = cleaned.valid_blobs | subset.store_fetched(cache)
+        plan = make_plan(cache, snap, valid, limits)  # 4. plan
         result.blobs_present = len(plan.present)
         if plan.to_fetch:
             check_disk(cache, plan)
@@ -236,6 +247,11 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         else:
             result.source = "cache"
             out.event("pull.warm", "everything is present and verified: nothing to download")
+        result.bytes_downloaded += subset.bytes_fetched
+        result.files_skipped, result.bytes_skipped = len(subset.choice.skipped), subset.bytes_skipped
+        result.skipped, result.selection = sorted(subset.choice.skipped), subset.describe()
+        result.notes += subset.choice.notes
+        subset.write_record(cache)
         result.snapshot_path = str(place(cache, snap, opts.revision))  # 6. links, ref, manifest
         result.files = len(snap.manifest.files)
     result.seconds = round(time.monotonic() - started, 3)
