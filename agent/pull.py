@@ -224,11 +224,11 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         out.event("pull.manifest", f"{opts.repo_id}@{snap.commit[:12]}: {len(snap.manifest.files)} files, "
                   f"{human_bytes(snap.manifest.total_size)} ({snap.form} form)",
                   commit=snap.commit, files=len(snap.manifest.files), bytes=snap.manifest.total_size)
-        subset = narrow(store, cache, snap, opts.selection, out)  # 2b. only the files asked for
-        snap = subset.snap
         if opts.rehash:
             for name in snap.manifest.blobs():
                 cache.forget_verified(name)
+        subset = narrow(store, cache, snap, opts.selection, out)  # 2b. only the files asked for
+        snap = subset.snap
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
                               keep_partials=set(snap.manifest.blobs()), keep_blobs=subset.keep_on_disk,
                               log=lambda m: out.event("pull.clean", m))  # 3. clean

@@ -72,11 +72,14 @@ class Subset:
         return sum(e.size for name, e in self.full.blobs().items() if name not in needed)
 
     def store_fetched(self, cache: RepoCache) -> set[str]:
-        """Write the blobs read for the rules under their final names (they were checked in memory)."""
+        """Write the blobs read for the rules under their final names (they were checked in memory);
+        one the selection itself leaves out (`--exclude '*.json'`) is not kept."""
+        needed = set(self.snap.manifest.blobs())
         for name, data in self.fetched.items():
-            atomic_write(cache.blob_path(name), data)
-            cache.remember_verified(name)
-        return set(self.fetched)
+            if name in needed:
+                atomic_write(cache.blob_path(name), data)
+                cache.remember_verified(name)
+        return needed & set(self.fetched)
 
     def describe(self) -> dict[str, object]:
         return {**self.selection.describe(), "resolved_load_format": self.choice.load_format}

@@ -173,3 +173,17 @@ def test_verify_checks_what_the_snapshot_holds_and_names_what_was_skipped(
     next(cache.snapshot_dir(commit).glob("*.safetensors")).unlink()  # a selected file missing is a problem
     assert main(["--log-format", "json", "verify", repo_id]) == 4
     assert "missing link" in capsys.readouterr().out
+
+
+def test_an_index_read_for_the_rules_but_excluded_is_not_kept(
+        shapes: dict[str, tuple[str, Path]], s3_server: SeaweedServer, settings_env: dict[str, str]) -> None:
+    with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
+        settings = Settings.from_env({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url})
+        repo_id, manifest = staged(settings, shapes, "bin-and-safetensors")
+        proxy.clear()
+        result = pull(settings, repo_id, "vllm", exclude=("*.json",))
+        kept = {p for p in manifest.files if not p.endswith(".json")} - SKIPPED["bin-and-safetensors"]
+        index = manifest.files["model.safetensors.index.json"].size  # read to apply the index filter
+        sent = proxy.body_bytes("GET", "/blobs/")
+        assert result.bytes_downloaded == size_of(manifest, kept) + index == sent
+    assert_snapshot_holds(settings, repo_id, kept)
