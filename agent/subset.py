@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cache import RepoCache, atomic_write
-from agent.errors import UsageError, VerificationError
+from agent.errors import UnsafePathError, UsageError, VerificationError
 from agent.manifest import FileEntry, Manifest, git_blob_sha1
 from agent.output import Output, human_bytes
 from agent.remote import StagedSnapshot
@@ -85,20 +85,47 @@ class Subset:
         return {**self.selection.describe(), "resolved_load_format": self.choice.load_format}
 
     def write_record(self, cache: RepoCache) -> None:
-        """What was skipped on purpose, for `verify`; no record when nothing was."""
-        path = record_path(cache, self.snap.commit)
-        if not self.choice.skipped:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        skipped = {p: {"size": self.full.files[p].size, "why": why} for p, why in self.choice.skipped.items()}
-        doc = {"format_version": RECORD_VERSION, "selection": self.selection.describe(),
-               "load_format": self.choice.load_format, "skipped": skipped}
-        atomic_write(path, json.dumps(doc, indent=1).encode())
+        write_record(cache, self.snap.commit, self.selection, self.choice, self.full)
+
+
+def write_record(cache: RepoCache, commit: str, selection: Selection, choice: Choice, full: Manifest) -> None:
+    """What was skipped on purpose, for `verify`; no record when nothing was."""
+    path = record_path(cache, commit)
+    if not choice.skipped:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    skipped = {p: {"size": full.files[p].size if p in full.files else 0, "why": why}
+               for p, why in choice.skipped.items()}
+    doc = {"format_version": RECORD_VERSION, "selection": selection.describe(),
+           "load_format": choice.load_format, "skipped": skipped}
+    atomic_write(path, json.dumps(doc, indent=1).encode())
 
 
 def record_path(cache: RepoCache, commit: str) -> Path:
     return cache.state / "selection" / f"{cache.snapshot_dir(commit).name}.json"
+
+
+def drop_narrowed_trees(cache: RepoCache) -> None:
+    """Before huggingface_hub downloads: a trees/<commit>.json the agent narrowed is not the repo's
+    listing, but snapshot_download would take it for one and fetch nothing it leaves out. Drop it with
+    its record; huggingface_hub lists the repo again and writes the whole listing."""
+    folder = cache.state / "selection"
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for record in folder.glob("*.json"):
+        with contextlib.suppress(FileNotFoundError, UnsafePathError):
+            cache.tree_path(record.stem).unlink()
+        record.unlink()
+
+
+def recorded_selection(cache: RepoCache, commit: str) -> dict[str, Any] | None:
+    """The selection an earlier pull of `commit` made, or None when it pulled everything."""
+    try:
+        selection = json.loads(record_path(cache, commit).read_text())["selection"]
+        return dict(selection)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_record(cache: RepoCache, commit: str) -> dict[str, dict[str, Any]]:

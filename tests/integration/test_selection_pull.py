@@ -7,6 +7,9 @@ what was skipped, and a narrower one deletes no blob."""
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from agent.testbed.seaweed import SeaweedServer
 from agent.testbed.shapes import generate_shape
 from tests.support.fake_hub import FakeHub, read_tree
 from tests.support.fault_server import FaultProxy
-from tests.support.hf_cache import assert_clean_cache, build_hf_cache, resolve_offline
+from tests.support.hf_cache import assert_clean_cache, build_hf_cache, hub_env, resolve_offline
 
 # What vLLM 0.33.0 leaves unread in each shape: the spec of the rules, written out by hand.
 SKIPPED = {
@@ -78,16 +81,17 @@ def size_of(manifest: Manifest, paths: set[str]) -> int:
     return sum(e.size for e in Manifest({p: manifest.files[p] for p in paths}).blobs().values())
 
 
-def assert_snapshot_holds(settings: Settings, repo_id: str, paths: set[str]) -> None:
-    """Links, local trees file and stamps agree on `paths`; huggingface_hub resolves it offline."""
+def assert_snapshot_holds(settings: Settings, repo_id: str, paths: set[str], *, stamps: bool = True) -> None:
+    """Links, local trees file and stamps (the bucket path writes them) agree on `paths`; huggingface_hub
+    resolves it offline."""
     cache = RepoCache(settings.hub_cache, repo_id)
     commit = cache.read_ref("main")
     assert commit is not None
     assert {rel for rel, _ in cache.snapshot_entries(commit)} == paths
     tree = parse_manifest(cache.tree_path(commit).read_bytes())
     assert set(tree.files) == paths
-    stamps = {p.name for p in (cache.state / "verified").iterdir()}
-    assert stamps == set(tree.blobs())
+    if stamps:
+        assert {p.name for p in (cache.state / "verified").iterdir()} == set(tree.blobs())
     assert_clean_cache(settings.hub_cache)
     assert resolve_offline(settings.hub_cache, repo_id) == cache.snapshot_dir(commit)
 
@@ -187,3 +191,41 @@ def test_an_index_read_for_the_rules_but_excluded_is_not_kept(
         sent = proxy.body_bytes("GET", "/blobs/")
         assert result.bytes_downloaded == size_of(manifest, kept) + index == sent
     assert_snapshot_holds(settings, repo_id, kept)
+
+
+def test_the_hub_fallback_downloads_only_the_selection_too(
+        shapes: dict[str, tuple[str, Path]], fake_hub: FakeHub, tmp_path: Path) -> None:
+    repo_id, _ = shapes["llama3"]
+    hf_home = tmp_path / "hf-home"
+    fake_hub.clear_requests()
+    fake_hub.available = True
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id, "--files",
+                           "vllm", "--report", str(report)], env=hub_env(fake_hub, hf_home),
+                          capture_output=True, text=True, timeout=120, check=False)  # storage off: the Hub
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["source"] == "hub" and set(data["skipped"]) == SKIPPED["llama3"]
+    fetched = {path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in fake_hub.requests
+               if method == "GET" and "/resolve/" in path}
+    assert fetched and not fetched & SKIPPED["llama3"]
+    settings = Settings.from_env({"HF_HOME": str(hf_home)})
+    kept = {rel for rel, _ in RepoCache(settings.hub_cache, repo_id).snapshot_entries(data["commit"])}
+    assert kept == fetched and not kept & SKIPPED["llama3"]
+    assert_snapshot_holds(settings, repo_id, kept, stamps=False)
+
+
+def test_a_narrowed_local_copy_does_not_stand_in_for_a_wider_pull_when_the_bucket_is_down(
+        shapes: dict[str, tuple[str, Path]], fake_hub: FakeHub, settings: Settings,
+        settings_env: dict[str, str], tmp_path: Path) -> None:
+    repo_id, manifest = staged(settings, shapes, "llama3")
+    pull(settings, repo_id, "all", include=("*.json",))
+    fake_hub.available = True
+    down = {**settings_env, **hub_env(fake_hub, settings.hf_home), "MINIO_ENDPOINT": "127.0.0.1:9"}
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id, "--files",
+                           "all", "--report", str(report)], env=down, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(report.read_text())["source"] == "hub"  # not "cache": that copy holds *.json only
+    assert_snapshot_holds(settings, repo_id, set(manifest.files), stamps=False)
