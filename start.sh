@@ -7,6 +7,7 @@
 #   VLLM_ARGS             extra `vllm serve` arguments, split on whitespace (no shell quoting inside)
 #   SIMSWARM_ENGINE       auto | native | python | s5cmd
 #   SIMSWARM_VERIFY       full | size
+#   SIMSWARM_FILES        vllm (default: only what vLLM reads) | all (the whole snapshot)
 #   SIMSWARM_NO_FALLBACK  true: never download from the Hugging Face Hub
 #   SIMSWARM_WRITE_BACK   true: stage a model that came from the Hub into the bucket for the next pod
 #   SIMSWARM_REPORT       file to write the pull's JSON report to
@@ -30,6 +31,7 @@ args=(serve "$MODEL_ID")
 if [[ -n "${MODEL_REVISION:-}" ]]; then args+=(--revision "$MODEL_REVISION"); fi
 if [[ -n "${SIMSWARM_ENGINE:-}" ]]; then args+=(--engine "$SIMSWARM_ENGINE"); fi
 if [[ -n "${SIMSWARM_VERIFY:-}" ]]; then args+=(--verify "$SIMSWARM_VERIFY"); fi
+if [[ -n "${SIMSWARM_FILES:-}" ]]; then args+=(--files "$SIMSWARM_FILES"); fi
 if [[ -n "${SIMSWARM_REPORT:-}" ]]; then args+=(--report "$SIMSWARM_REPORT"); fi
 if is_true "${SIMSWARM_NO_FALLBACK:-}"; then args+=(--no-fallback); fi
 if is_true "${SIMSWARM_WRITE_BACK:-}"; then args+=(--write-back); fi

@@ -3,7 +3,8 @@
 Only the requested model's folder is touched, and no link is ever followed out of it: a planted link
 is removed as a link, never through its target. What is removed or kept:
 - temporary files (ours when not resumable, huggingface_hub's `.incomplete`, atomic-write leftovers);
-- blobs of the manifest that fail their check (truncated, corrupted), and orphan blobs no link uses;
+- blobs of the manifest that fail their check (truncated, corrupted), and orphan blobs no link uses
+  (blobs of the same commit that a narrower file selection leaves out are kept, unlinked);
 - dangling links, links out of the repo's blobs/ folder, links of the requested commit to a bad blob;
 - regular files in the requested snapshot (a copied cache without links): moved into blobs/ when they
   verify, so their bytes are reused, removed otherwise;
@@ -152,8 +153,14 @@ def _prune_empty_dirs(root: Path) -> None:
                 os.rmdir(dirpath)
 
 
-def clean_orphans(cache: RepoCache, manifest: Manifest, used: set[str], report: CleanReport) -> None:
-    keep = used | set(manifest.blobs())
+def clean_orphans(cache: RepoCache, manifest: Manifest, used: set[str], report: CleanReport,
+                  keep_blobs: set[str] | None = None) -> None:
+    """Blobs no link uses go, except those of the manifest and `keep_blobs` (the commit's files that a
+    narrower selection leaves out: kept so a wider pull later fetches nothing twice, but without a
+    verified stamp, which only selected blobs carry)."""
+    keep = used | set(manifest.blobs()) | (keep_blobs or set())
+    for name in (keep_blobs or set()) - used - set(manifest.blobs()):
+        cache.forget_verified(name)
     if cache.blobs.is_dir():
         for path in cache.blobs.iterdir():
             if BLOB_RE.match(path.name) and path.name not in keep:
@@ -178,8 +185,8 @@ def _ref_ok(cache: RepoCache, path: Path) -> bool:
 
 
 def clean_stale(cache: RepoCache, commit: str, manifest: Manifest, *, full: bool,
-                keep_partials: set[str], log: Callable[[str], None] | None = None,
-                revision: str | None = None) -> CleanReport:
+                keep_partials: set[str], keep_blobs: set[str] | None = None,
+                log: Callable[[str], None] | None = None, revision: str | None = None) -> CleanReport:
     """Run every clean-up step in order; returns what was removed, reused and found valid."""
     report = CleanReport()
     if not cache.repo_dir.exists() and not cache.repo_dir.is_symlink():
@@ -192,7 +199,7 @@ def clean_stale(cache: RepoCache, commit: str, manifest: Manifest, *, full: bool
     check_blobs(cache, manifest, full, report)
     adopt_regular_files(cache, commit, manifest, full, report)
     used = clean_links(cache, commit, manifest, report)
-    clean_orphans(cache, manifest, used, report)
+    clean_orphans(cache, manifest, used, report, keep_blobs)
     clean_refs(cache, report)
     if log and (report.removed or report.reused):
         log(f"cleaned {len(report.removed)} stale entries, reused {len(report.reused)} copied files")

@@ -14,7 +14,7 @@ import errno
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.cache import RepoCache, is_commit
@@ -29,12 +29,14 @@ from agent.errors import (
     VerificationError,
     as_agent_error,
 )
-from agent.manifest import DEFAULT_PART_SIZE, parse_manifest
+from agent.manifest import DEFAULT_PART_SIZE, Manifest, parse_manifest
 from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult, cache_lock, pull_from_store, reading_lock
 from agent.ready import cache_writable
+from agent.selection import Choice, Selection, choose
 from agent.settings import Settings
 from agent.stage import scan_local, stage_from_cache
+from agent.subset import drop_narrowed_trees, recorded_selection, write_record
 from agent.verify import audit_cache
 
 # What "the bucket cannot deliver" means. Credentials, a missing bucket or a full disk are not in it:
@@ -124,7 +126,9 @@ def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, al
     reason = f"bucket could not deliver: {one_line(str(cause))}"
     out.event("pull.fallback", f"{opts.repo_id}@{opts.revision}: {reason}; downloading from the Hub",
               reason=reason, error=type(cause).__name__)
-    result = pull_from_hub(settings, opts, out, reason=reason, cause=cause)  # 4. the Hub
+    # A write-back stages what is in the cache: it must be the whole snapshot, never a selection of it.
+    hub_opts = replace(opts, selection=Selection()) if write_back else opts
+    result = pull_from_hub(settings, hub_opts, out, reason=reason, cause=cause)  # 4. the Hub
     if write_back:  # 5. opt-in: stage it so the next pod finds it in the bucket
         write_back_to_bucket(settings, opts, result, out)
     return result
@@ -142,6 +146,9 @@ def complete_local_snapshot(settings: Settings, opts: PullOptions, out: Output,
     commit = opts.revision if is_commit(opts.revision) else cache.read_ref(opts.revision)
     if commit is None or not cache.tree_path(commit).is_file():
         return None
+    narrowed_to = recorded_selection(cache, commit)
+    if narrowed_to is not None and narrowed_to != opts.selection.describe():
+        return None  # complete for another selection: not a copy of what was asked for
     started = time.monotonic()
     with reading_lock(cache, out):
         try:
@@ -167,11 +174,14 @@ def pull_from_hub(settings: Settings, opts: PullOptions, out: Output, *, reason:
     result = FallbackResult("hub", "huggingface_hub", opts.repo_id, opts.revision, verified=opts.verify,
                             fallback_reason=reason)
     with cache_lock(cache, out):
+        drop_narrowed_trees(cache)
         before = blob_sizes(cache)
-        snapshot = Path(download_snapshot(settings, opts, cause, progress_bars=out.interactive))
+        snapshot, choice = download_snapshot(settings, opts, cause, progress_bars=out.interactive)
         after = blob_sizes(cache)
         result.commit = snapshot.name
         result.snapshot_path = str(snapshot)
+        if choice is not None:
+            narrow_hub_snapshot(cache, result, opts.selection, choice)
         fetched = set(after) - set(before)
         result.blobs_fetched = len(fetched)
         result.bytes_downloaded = sum(after[name] for name in fetched)
@@ -199,9 +209,51 @@ def blob_sizes(cache: RepoCache) -> dict[str, int]:
             if p.is_file() and "." not in p.name}
 
 
+def literal_pattern(path: str) -> str:
+    """An fnmatch pattern matching exactly `path` (huggingface_hub's allow_patterns are globs)."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in path)
+
+
+def hub_choice(settings: Settings, opts: PullOptions) -> Choice | None:
+    """The file selection over the Hub's listing (None: everything). The rules may read the safetensors
+    index: it is downloaded into the cache first, as vLLM itself does."""
+    if opts.selection.everything:
+        return None
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+    files = api.list_repo_files(opts.repo_id, revision=opts.revision)
+
+    def read(path: str) -> bytes:
+        local = hf_hub_download(opts.repo_id, path, revision=opts.revision, cache_dir=str(settings.hub_cache),
+                                token=settings.hf_token, endpoint=settings.hf_endpoint)
+        return Path(local).read_bytes()
+    return choose(files, opts.selection, read)
+
+
+def narrow_hub_snapshot(cache: RepoCache, result: PullResult, selection: Selection, choice: Choice) -> None:
+    """Make huggingface_hub's snapshot hold exactly the selected files: it wrote the whole repo's tree
+    listing to trees/<commit>.json, which offline readers would then find incomplete."""
+    tree = cache.tree_path(result.commit)
+    full = parse_manifest(tree.read_bytes()) if tree.is_file() else Manifest({})
+    if full.files:
+        subset = Manifest({p: e for p, e in full.files.items() if p in choice.keep})
+        cache.write_tree(result.commit, subset.to_json())
+    for relpath, path in list(cache.snapshot_entries(result.commit)):
+        if relpath not in choice.keep:  # an index read for the rules but excluded by the user
+            path.unlink()
+    write_record(cache, result.commit, selection, choice, full)
+    kept = {e.blob_name for p, e in full.files.items() if p in choice.keep}
+    result.files_skipped, result.skipped = len(choice.skipped), sorted(choice.skipped)
+    result.bytes_skipped = sum(e.size for n, e in full.blobs().items() if n not in kept)
+    result.selection = {**selection.describe(), "resolved_load_format": choice.load_format}
+    result.notes += choice.notes
+
+
 def download_snapshot(settings: Settings, opts: PullOptions, cause: AgentError, *,
-                      progress_bars: bool = True) -> str:
-    """huggingface_hub's own download (HF_ENDPOINT honoured); any failure names both causes in one line."""
+                      progress_bars: bool = True) -> tuple[Path, Choice | None]:
+    """huggingface_hub's own download (HF_ENDPOINT honoured) of the selected files; any failure names
+    both causes in one line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils.tqdm import disable_progress_bars
 
@@ -209,8 +261,11 @@ def download_snapshot(settings: Settings, opts: PullOptions, cause: AgentError, 
         disable_progress_bars()
 
     try:
+        choice = hub_choice(settings, opts)
+        allow = sorted(literal_pattern(p) for p in choice.keep) if choice is not None else None
         path: str = snapshot_download(opts.repo_id, revision=opts.revision, cache_dir=str(settings.hub_cache),
-                                      token=settings.hf_token, endpoint=settings.hf_endpoint)
+                                      token=settings.hf_token, endpoint=settings.hf_endpoint,
+                                      allow_patterns=allow)
     except AgentError:
         raise  # Interrupted (SIGTERM/SIGINT) unwinds as it is
     except OSError as exc:
@@ -219,7 +274,7 @@ def download_snapshot(settings: Settings, opts: PullOptions, cause: AgentError, 
         raise both_failed(opts, cause, exc) from None
     except Exception as exc:  # huggingface_hub raises HTTP, value and runtime errors of many kinds
         raise both_failed(opts, cause, exc) from None
-    return path
+    return Path(path), choice
 
 
 def both_failed(opts: PullOptions, cause: AgentError, exc: Exception) -> NotAvailableError:

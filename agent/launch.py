@@ -31,19 +31,33 @@ def has_flag(args: Sequence[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in args)
 
 
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The last value `args` gives `flag` (`--flag V`, `--flag=V`, or vLLM's `--flag_name` spelling)."""
+    spellings = {flag, "--" + flag[2:].replace("-", "_")}
+    value = None
+    for index, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in spellings:
+            value = inline if eq else (args[index + 1] if index + 1 < len(args) else None)
+    return value
+
+
 def vllm_argv(model: str, vllm_args: Sequence[str], *, vllm_bin: str = DEFAULT_VLLM_BIN,
-              revision: str = "main", commit: str = "") -> list[str]:
-    """`vllm serve MODEL --served-model-name MODEL [--revision COMMIT] VLLM_ARGS`.
+              revision: str = "main", commit: str = "", load_format: str | None = None) -> list[str]:
+    """`vllm serve MODEL --served-model-name MODEL [--revision COMMIT] [--load-format F] VLLM_ARGS`.
 
     Without --served-model-name, vLLM offline would name the model after its snapshot path. A revision
     other than main is passed as the commit it resolved to, which the offline cache holds for certain.
-    The user's own --served-model-name or --revision wins.
+    `load_format` is the one the files were chosen for, when the agent was told one. The user's own
+    --served-model-name, --revision or --load-format wins.
     """
     argv = [vllm_bin, "serve", model]
     if not has_flag(vllm_args, "--served-model-name"):
         argv += ["--served-model-name", model]
     if revision != "main" and commit and not has_flag(vllm_args, "--revision"):
         argv += ["--revision", commit]
+    if load_format and flag_value(vllm_args, "--load-format") is None:
+        argv += ["--load-format", load_format]
     return argv + list(vllm_args)
 
 

@@ -1,6 +1,7 @@
 """`pull`: fill the local cache from the bucket. The story, stage by stage:
 
-1. read the manifest from the bucket (compact or legacy form);
+1. read the manifest from the bucket (compact or legacy form), narrowed to the selected files
+   (`agent.selection`: everything, or only what vLLM will read);
 2. if the snapshot is already complete and verified here, use it as it is, writing nothing (a read-only
    volume is served so); else lock the model's cache folder (a second agent waits, then finds the work
    done);
@@ -45,7 +46,9 @@ from agent.plan import (
 from agent.ready import as_is_problem, cache_writable, refuse_read_only
 from agent.remote import RemoteRepo, StagedSnapshot
 from agent.s3read import ObjectReader, open_reader
+from agent.selection import Selection
 from agent.settings import Settings
+from agent.subset import Subset, narrow
 from agent.verify import StreamingCheck, check_content
 
 URL_EXPIRY = 6 * 3600  # a slow pull of a large model must not outlive its URLs
@@ -60,6 +63,7 @@ class PullOptions:
     verify: str = "full"
     rehash: bool = False
     concurrency: int | None = None
+    selection: Selection = field(default_factory=Selection)
 
     @property
     def full(self) -> bool:
@@ -81,6 +85,10 @@ class PullResult:
     blobs_fetched: int = 0
     blobs_present: int = 0
     retries: int = 0
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+    selection: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -340,6 +348,9 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
     out.event("pull.manifest", f"{opts.repo_id}@{snap.commit[:12]}: {len(snap.manifest.files)} files, "
               f"{human_bytes(snap.manifest.total_size)} ({snap.form} form)",
               commit=snap.commit, files=len(snap.manifest.files), bytes=snap.manifest.total_size)
+    subset = narrow(store, cache, snap, opts.selection, out)  # 1b. only the files asked for (reads only)
+    snap = subset.snap
+    report_selection(result, subset)
     problem = as_is_problem(cache, snap.commit, snap.manifest, opts.revision, full=opts.full,
                             rehash=opts.rehash)  # 2. complete already? read only
     if problem is None:
@@ -350,9 +361,10 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
             for name in snap.manifest.blobs():
                 cache.forget_verified(name)
         cleaned = clean_stale(cache, snap.commit, snap.manifest, full=opts.full,
-                              keep_partials=set(snap.manifest.blobs()), revision=opts.revision,
-                              log=lambda m: out.event("pull.clean", m))  # 3. clean
-        plan = make_plan(cache, snap, cleaned.valid_blobs, engine, check_parts=opts.full)  # 4. plan
+                              keep_partials=set(snap.manifest.blobs()), keep_blobs=subset.keep_on_disk,
+                              revision=opts.revision, log=lambda m: out.event("pull.clean", m))  # 3. clean
+        valid = cleaned.valid_blobs | subset.store_fetched(cache)
+        plan = make_plan(cache, snap, valid, engine, check_parts=opts.full)  # 4. plan
         result.blobs_present = len(plan.present)
         if plan.to_fetch:
             check_disk(cache, plan)
@@ -366,10 +378,18 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
         else:
             result.source = "cache"
             out.event("pull.warm", "everything is present and verified: nothing to download")
+        result.bytes_downloaded += subset.bytes_fetched
+        subset.write_record(cache)
         result.snapshot_path = str(place(cache, snap, opts.revision))  # 6. links, ref, manifest
         result.files = len(snap.manifest.files)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def report_selection(result: PullResult, subset: Subset) -> None:
+    result.files_skipped, result.bytes_skipped = len(subset.choice.skipped), subset.bytes_skipped
+    result.skipped, result.selection = sorted(subset.choice.skipped), subset.describe()
+    result.notes += subset.choice.notes
 
 
 def used_as_is(result: PullResult, cache: RepoCache, snap: StagedSnapshot, started: float,

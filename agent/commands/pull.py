@@ -1,5 +1,7 @@
 """`pull MODEL [--revision REV] [--hf-home DIR] [--engine ...] [--verify size|full] [--no-fallback]
-[--write-back] [--report FILE]`: the bucket first, the Hub only when the bucket cannot deliver."""
+[--write-back] [--report FILE] [--files vllm|all] [--include GLOB] [--exclude GLOB] [--load-format F]`:
+the bucket first, the Hub only when the bucket cannot deliver. `pull` fills the whole snapshot by
+default (a dev box's cache serves transformers and scripts too); `serve` defaults to `--files vllm`."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from agent.errors import UsageError
 from agent.fallback import pull_with_fallback
 from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult
+from agent.selection import FILES_CHOICES, LOAD_FORMATS, VLLM_VERSION, Selection
 from agent.settings import Settings
 
 
-def add_pull_options(parser: argparse.ArgumentParser, *, with_model: bool = True) -> None:
+def add_pull_options(parser: argparse.ArgumentParser, *, with_model: bool = True,
+                     files_default: str = "all") -> None:
     """The options `pull` and `serve` share (`serve` re-parses them after MODEL, without it)."""
     if with_model:
         parser.add_argument("model", help="Hugging Face repo id, e.g. Qwen/Qwen3-14B")
@@ -37,6 +41,21 @@ def add_pull_options(parser: argparse.ArgumentParser, *, with_model: bool = True
     parser.add_argument("--write-back", action="store_true",
                         help="after a Hub fallback, stage the model into the bucket for the next pod")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report of the pull")
+    add_selection_options(parser, files_default)
+
+
+def add_selection_options(parser: argparse.ArgumentParser, files_default: str) -> None:
+    parser.add_argument("--files", choices=FILES_CHOICES, default=files_default,
+                        help=f"vllm: only the files vLLM {VLLM_VERSION} reads (weights in the format it "
+                             "picks, every config and tokenizer file); all: the whole snapshot "
+                             f"(default: {files_default})")
+    parser.add_argument("--include", action="append", default=None, metavar="GLOB",
+                        help="pull only paths matching GLOB (huggingface_hub allow_patterns; repeatable)")
+    parser.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                        help="never pull paths matching GLOB (huggingface_hub ignore_patterns; repeatable)")
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, default=None,
+                        help="the vLLM load format the vllm selection mirrors (default: auto, or the "
+                             "--load-format given to vLLM after `--`)")
 
 
 # Shown under `pull --help` and `serve --help`: a new user's first question is where the bucket is set.
@@ -61,11 +80,16 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def options_from(args: argparse.Namespace) -> PullOptions:
+def selection_from(args: argparse.Namespace, load_format: str | None = None) -> Selection:
+    return Selection(args.files, load_format or args.load_format or "auto", tuple(args.include or ()),
+                     tuple(args.exclude or ()))
+
+
+def options_from(args: argparse.Namespace, selection: Selection | None = None) -> PullOptions:
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
     return PullOptions(check_repo_id(args.model), args.revision, args.engine, args.verify, args.rehash,
-                       args.concurrency)
+                       args.concurrency, selection or selection_from(args))
 
 
 def write_report(path: Path | None, result: PullResult) -> None:
@@ -75,10 +99,12 @@ def write_report(path: Path | None, result: PullResult) -> None:
 
 def summarize(result: PullResult, out: Output) -> None:
     rate = result.bytes_downloaded / result.seconds if result.seconds else 0.0
+    skipped = (f"; skipped {result.files_skipped} files, {human_bytes(result.bytes_skipped)} saved"
+               if result.files_skipped else "")
     out.event("pull.done",
               f"ready: {result.repo_id}@{result.commit[:12]} at {result.snapshot_path} "
               f"({human_bytes(result.bytes_downloaded)} downloaded in {result.seconds:.1f}s, "
-              f"{human_bytes(rate)}/s, source {result.source}, engine {result.engine})",
+              f"{human_bytes(rate)}/s, source {result.source}, engine {result.engine}{skipped})",
               **result.to_json())
 
 

@@ -14,10 +14,17 @@ import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from agent.commands.pull import ENVIRONMENT_HELP, add_pull_options, options_from, summarize, write_report
+from agent.commands.pull import (
+    ENVIRONMENT_HELP,
+    add_pull_options,
+    options_from,
+    selection_from,
+    summarize,
+    write_report,
+)
 from agent.errors import UsageError
 from agent.fallback import pull_with_fallback
-from agent.launch import exec_vllm, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
+from agent.launch import exec_vllm, flag_value, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
 from agent.output import Output
 from agent.settings import Settings
 
@@ -25,7 +32,7 @@ SEPARATOR = "--"
 
 
 def add_serve_options(parser: argparse.ArgumentParser, *, with_model: bool) -> None:
-    add_pull_options(parser, with_model=with_model)
+    add_pull_options(parser, with_model=with_model, files_default="vllm")
     parser.add_argument("--vllm-bin", metavar="PATH",
                         help="the vLLM executable (default: $SIMSWARM_VLLM_BIN, else `vllm` on PATH)")
 
@@ -74,17 +81,34 @@ def parse_after_model(args: argparse.Namespace) -> list[str]:
     return theirs
 
 
+def load_format_for(args: argparse.Namespace, vllm_args: Sequence[str]) -> str | None:
+    """The load format vLLM will run with, which the file choice must follow: vLLM's own
+    `--load-format` when given (it must agree with ours), else the agent's."""
+    theirs = flag_value(vllm_args, "--load-format")
+    if theirs is not None:
+        theirs = theirs.lower()
+        if args.load_format is not None and args.load_format != theirs:
+            raise UsageError(f"serve: --load-format {args.load_format} disagrees with vLLM's --load-format "
+                             f"{theirs}", hint="give the load format once, after `--`")
+        return theirs
+    ours: str | None = args.load_format
+    return ours
+
+
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     vllm_args = parse_after_model(args)
     settings = settings.with_hf_home(args.hf_home)
     vllm_bin = resolve_vllm_bin(args.vllm_bin, os.environ)  # before the pull: fail in seconds, not minutes
-    opts = options_from(args)
+    load_format = load_format_for(args, vllm_args)
+    opts = options_from(args, selection_from(args, load_format))
     result = pull_with_fallback(settings, opts, out, allow_fallback=not args.no_fallback,
                                 write_back=args.write_back)
     write_report(args.report, result)
     summarize(result, out)
+    # An explicit format the files were chosen for goes to vLLM too, so it cannot pick another.
+    chosen_for = load_format if opts.selection.files == "vllm" and load_format != "auto" else None
     argv = vllm_argv(opts.repo_id, vllm_args, vllm_bin=vllm_bin, revision=opts.revision,
-                     commit=result.commit)
+                     commit=result.commit, load_format=chosen_for)
     shown = redact_argv(argv)
     out.event("serve.exec", f"starting vLLM: {' '.join(shown)}", argv=shown)
     exec_vllm(argv, vllm_env(os.environ, settings))

@@ -2,7 +2,8 @@
 
 The manifest is the cache's own `trees/<commit>.json`; without one, the bucket's (when MINIO_ENDPOINT is
 set); without either, the snapshot's links themselves (each blob checked against its own name). Every
-problem is printed on stdout, one line each; the exit code is 0 when there is none, 4 otherwise.
+problem is printed on stdout, one line each; the exit code is 0 when there is none, 4 otherwise. Files a
+pull skipped on purpose (`--files vllm`, `--include`, `--exclude`) are listed as such, not as missing.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 from agent.cache import RepoCache, check_repo_id, check_revision, is_commit
 from agent.errors import ManifestError, NotAvailableError, VerificationError
 from agent.manifest import FileEntry, Manifest, parse_manifest
-from agent.output import Output
+from agent.output import Output, human_bytes
 from agent.remote import RemoteRepo
 from agent.s3read import open_reader
 from agent.settings import Settings
+from agent.subset import read_record
 from agent.verify import Problem, audit_cache
 
 
@@ -73,6 +75,20 @@ def find_manifest(cache: RepoCache, commit: str, settings: Settings,
     return links_manifest(cache, commit), "snapshot links (no manifest found)"
 
 
+def without_skipped(cache: RepoCache, commit: str, manifest: Manifest, out: Output) -> Manifest:
+    """The files the snapshot should hold: the manifest less what a pull skipped on purpose (recorded
+    by the pull; the bucket's manifest lists them, the local trees/ file already does not)."""
+    skipped = read_record(cache, commit)
+    if not skipped:
+        return manifest
+    size = sum(int(info.get("size", 0)) for info in skipped.values())
+    out.event("verify.skipped", f"{len(skipped)} files were skipped on purpose by the file selection "
+              f"({human_bytes(size)}): {', '.join(sorted(skipped)[:5])}"
+              + (f", ... ({len(skipped) - 5} more)" if len(skipped) > 5 else ""),
+              skipped={p: info.get("why", "") for p, info in sorted(skipped.items())})
+    return Manifest({p: e for p, e in manifest.files.items() if p not in skipped})
+
+
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     settings = settings.with_hf_home(args.hf_home)
     cache = RepoCache(settings.hub_cache, check_repo_id(args.model))
@@ -89,6 +105,7 @@ def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
         if manifest is None:
             problems.append(Problem(f"snapshots/{commit}", "no manifest and no snapshot to check"))
         else:
+            manifest = without_skipped(cache, commit, manifest, out)
             out.event("verify.manifest", f"checking {label} in {cache.hub_cache}: "
                       f"{len(manifest.files)} files, manifest from {source}",
                       commit=commit, files=len(manifest.files), manifest=source)

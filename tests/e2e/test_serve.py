@@ -103,6 +103,33 @@ def test_serve_pulls_then_execs_vllm_offline_on_the_filled_cache(
     assert resolved.stdout.strip().splitlines()[-1] == str(snapshot)
 
 
+def test_serve_pulls_for_the_load_format_it_passes_vllm(
+        fake_hub: FakeHub, staged: tuple[str, str], settings_env: dict[str, str], stub_dir: Path,
+        tmp_path: Path) -> None:
+    repo_id, commit = staged
+    hf_home, record, report = tmp_path / "pod-home", tmp_path / "record.json", tmp_path / "report.json"
+    proc = run_serve(serve_env(fake_hub, hf_home, settings_env, stub_dir, record), repo_id,
+                     "--load-format", "safetensors", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert recorded(record)["argv"][-2:] == ["--load-format", "safetensors"]
+    pulled = json.loads(report.read_text())
+    assert pulled["skipped"] == ["original/params.json"]
+    assert pulled["selection"]["resolved_load_format"] == "safetensors"
+    assert "skipped 1 files" in proc.stderr
+    snapshot = RepoCache(hf_home / "hub", repo_id).snapshot_dir(commit)
+    assert not (snapshot / "original").exists() and (snapshot / "config.json").is_file()
+
+
+def test_serve_refuses_a_load_format_that_contradicts_vllms(
+        fake_hub: FakeHub, staged: tuple[str, str], settings_env: dict[str, str], stub_dir: Path,
+        tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    proc = run_serve(serve_env(fake_hub, tmp_path / "home", settings_env, stub_dir, record), staged[0],
+                     "--load-format", "pt", "--", "--load-format", "safetensors")
+    assert proc.returncode == 2
+    assert "disagrees" in proc.stderr and not record.exists()
+
+
 @pytest.mark.parametrize("theirs", [["--served-model-name", "sim"], ["--served-model-name=sim"]])
 def test_the_users_served_model_name_wins(fake_hub: FakeHub, staged: tuple[str, str],
                                           settings_env: dict[str, str], stub_dir: Path, tmp_path: Path,

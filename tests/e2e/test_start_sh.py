@@ -58,7 +58,8 @@ def pod_env(hub: FakeHub, tmp_path: Path, bin_dir: Path, storage: dict[str, str]
     env.update({k: v for k, v in storage.items() if k.startswith("MINIO_")})
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
     env["VLLM_STUB_RECORD"] = str(tmp_path / "record.json")
-    for name in ("MODEL_ID", "MODEL_REVISION", "VLLM_ARGS", "SIMSWARM_ENGINE", "SIMSWARM_NO_FALLBACK"):
+    for name in ("MODEL_ID", "MODEL_REVISION", "VLLM_ARGS", "SIMSWARM_ENGINE", "SIMSWARM_NO_FALLBACK",
+                 "SIMSWARM_FILES"):
         env.pop(name, None)
     env.update(pod)
     return env
@@ -94,6 +95,18 @@ def test_start_sh_maps_the_pod_env_and_execs_down_to_vllm(
     assert "MINIO_SECRET_KEY" not in seen["env"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["source"], report["engine"], report["commit"]) == ("minio", "python", commit)
+    assert report["skipped"] == ["original/params.json"]  # serve pulls only what vLLM reads by default
+
+
+def test_start_sh_files_all_pulls_the_whole_snapshot(
+        fake_hub: FakeHub, staged: tuple[str, str], settings_env: dict[str, str], bin_dir: Path,
+        tmp_path: Path) -> None:
+    env = pod_env(fake_hub, tmp_path, bin_dir, settings_env, MODEL_ID=staged[0], SIMSWARM_FILES="all",
+                  SIMSWARM_ENGINE="python", SIMSWARM_REPORT=str(tmp_path / "report.json"))
+    proc, stderr = start(env)
+    assert proc.returncode == 0, stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["files_skipped"], report["selection"]["files"]) == (0, "all")
 
 
 def test_start_sh_without_model_id_says_so_and_exits_2(fake_hub: FakeHub, bin_dir: Path,

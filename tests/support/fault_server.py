@@ -71,6 +71,7 @@ class Request:
     status: int  # the status sent to the client; 0 for `stall_head` (logged before any answer)
     fault: str | None  # the fault applied, if any
     connection: int  # client connection number: equal numbers mean a kept-alive connection was reused
+    body_bytes: int = 0  # response body bytes sent to the client
 
 
 Matcher = Callable[[str, str, "str | None"], bool]  # (method, path, range) -> applies?
@@ -195,6 +196,10 @@ class FaultProxy:
     def count(self, method: str | None = None, fault: str | None = None) -> int:
         return len(self.requests(method, fault))
 
+    def body_bytes(self, method: str = "GET", path_contains: str = "") -> int:
+        """Response body bytes sent for matching requests: what a client downloaded through the proxy."""
+        return sum(r.body_bytes for r in self.requests(method) if path_contains in r.path)
+
     @property
     def connections(self) -> int:
         """Client connections accepted so far."""
@@ -307,9 +312,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             upstream = self._forward(request_body, drop_range=kind == "full_200")
             self._answer(upstream, kind, stall, None if kind == "stall_head" else record)
 
-    def _record_as(self, path: str, range_: str | None, kind: str | None) -> Callable[[int], None]:
-        def record(status: int) -> None:
-            self.owner._record(Request(self.command, path, range_, status, kind, self.connection_number))
+    def _record_as(self, path: str, range_: str | None, kind: str | None) -> Callable[..., None]:
+        def record(status: int, body_bytes: int = 0) -> None:
+            self.owner._record(Request(self.command, path, range_, status, kind, self.connection_number,
+                                       body_bytes))
         return record
 
     def _read_request_body(self) -> bytes:
@@ -340,7 +346,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
             conn.close()
 
     def _answer(self, upstream: _Upstream, kind: str | None, stall: float,
-                record: Callable[[int], None] | None) -> None:
+                record: Callable[..., None] | None) -> None:
         """Send the upstream's answer, broken as `kind` says. `record` is called before anything is sent, so
         the log holds a request by the time its client sees the answer (or the stall, or the reset)."""
         status, body = upstream.status, upstream.body
@@ -350,7 +356,8 @@ class _FaultHandler(BaseHTTPRequestHandler):
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
         if record is not None:
-            record(status)
+            cut = kind in ("reset", "truncate")
+            record(status, 0 if self.command == "HEAD" else len(body) // 2 if cut else len(body))
         self.send_response_only(status, upstream.reason)
         for name, value in upstream.headers:
             self.send_header(name, value)

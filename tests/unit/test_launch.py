@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands.serve import add_parser, parse_after_model, split_rest
+from agent.commands.pull import add_parser as add_pull_parser
+from agent.commands.pull import selection_from
+from agent.commands.serve import add_parser, load_format_for, parse_after_model, split_rest
 from agent.errors import EXIT_USAGE, LaunchError, UsageError
-from agent.launch import has_flag, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
+from agent.launch import flag_value, has_flag, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
+from agent.selection import Selection
 from agent.settings import Settings
 
 MODEL = "Qwen/Qwen3-14B"
@@ -144,3 +147,47 @@ def test_serve_refuses_vllm_arguments_without_the_separator() -> None:
 def test_split_rest_keeps_a_second_separator_for_vllm() -> None:
     assert split_rest(["--no-fallback", "--", "a", "--", "b"]) == (["--no-fallback"], ["a", "--", "b"])
     assert split_rest([]) == ([], [])
+
+
+# -- the file selection and vLLM's --load-format ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "value"), [
+    (["--load-format", "pt"], "pt"), (["--load-format=mistral"], "mistral"), (["--load_format", "pt"], "pt"),
+    (["--port", "1"], None), (["--load-format"], None), (["--load-format", "pt", "--load-format=hf"], "hf"),
+])
+def test_flag_value_reads_every_spelling_vllm_accepts(args: list[str], value: str | None) -> None:
+    assert flag_value(args, "--load-format") == value
+
+
+def test_argv_passes_the_load_format_the_files_were_chosen_for_unless_vllm_has_one() -> None:
+    assert vllm_argv(MODEL, [], load_format="pt")[-2:] == ["--load-format", "pt"]
+    theirs = vllm_argv(MODEL, ["--load-format=pt"], load_format="pt")
+    assert theirs.count("--load-format=pt") == 1 and "--load-format" not in theirs
+    assert "--load-format" not in vllm_argv(MODEL, [])
+
+
+def test_serve_defaults_to_the_vllm_selection_and_pull_to_everything() -> None:
+    args = serve_args([MODEL])
+    parse_after_model(args)
+    assert selection_from(args) == Selection("vllm")
+    parser = argparse.ArgumentParser()
+    add_pull_parser(parser.add_subparsers())
+    pulled = parser.parse_args(["pull", MODEL, "--include", "*.json", "--exclude", "*.md", "--exclude", "x/"])
+    assert selection_from(pulled) == Selection("all", "auto", ("*.json",), ("*.md", "x/"))
+
+
+def test_serve_chooses_files_for_the_load_format_vllm_will_use() -> None:
+    args = serve_args([MODEL, "--", "--load-format", "SAFETENSORS"])
+    vllm_args = parse_after_model(args)
+    assert load_format_for(args, vllm_args) == "safetensors"
+    ours = serve_args([MODEL, "--load-format", "pt"])
+    assert load_format_for(ours, parse_after_model(ours)) == "pt"
+    both = serve_args([MODEL, "--load-format", "pt", "--", "--load-format=pt"])
+    assert load_format_for(both, parse_after_model(both)) == "pt"
+
+
+def test_serve_refuses_two_load_formats_that_disagree() -> None:
+    args = serve_args([MODEL, "--load-format", "pt", "--", "--load-format", "safetensors"])
+    with pytest.raises(UsageError, match="disagrees"):
+        load_format_for(args, parse_after_model(args))
