@@ -29,8 +29,6 @@ from agent.errors import DiskFullError
 from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
 
-MIN_PART = 8 << 20
-MAX_PART = 64 << 20
 DISK_MARGIN = 64 << 20
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.cache import BLOB_RE, PART_SUFFIX, STATE_SUFFIX, RepoCache, is_commit, safe_relpath
 from agent.errors import ManifestError
-from agent.manifest import FileEntry, Manifest, Sidecar, parse_manifest, part_ranges
+from agent.manifest import FileEntry, Manifest, parse_manifest, part_ranges
 
 READ_SIZE = 4 << 20
 BlobCheck = Callable[[Path, FileEntry], "str | None"]  # None when the blob's bytes are right
@@ -115,24 +115,6 @@ class StreamingCheck:
         if self.short_read or actual != _expected(self.entry):
             return f"content hash {actual[:12]}... != expected {_expected(self.entry)[:12]}..."
         return None
-
-
-def good_parts(path: Path, blob_name: str, size: int, sidecar: Sidecar, indices: set[int]) -> set[int]:
-    """Which of the claimed-complete parts of a partial file really hold the right bytes."""
-    digests = sidecar.digests_for(blob_name, size)
-    if digests is None:
-        return set()
-    good = set()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for index, offset, length in part_ranges(size, sidecar.part_size):
-            if index in indices:
-                digest = hashlib.sha256()
-                if hash_range(fd, offset, length, digest) == length and digest.hexdigest() == digests[index]:
-                    good.add(index)
-    finally:
-        os.close(fd)
-    return good
 
 
 @dataclass(frozen=True)
