@@ -11,6 +11,7 @@ __all__ = [
     "HttpStatusError",
     "TransferError",
     "fetch",
+    "get_small",
     "parse_list",
     "presign_get",
     "presign_list",
@@ -81,6 +82,13 @@ def presign_list(
     continuation: str | None = None,
     expires: int = 300,
 ) -> str: ...
+def get_small(
+    urls: Sequence[str],
+    *,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 30.0,
+    limit: int = 67108864,
+) -> list[tuple[int, str | None, str | None, bytes, str | None]]: ...
 def parse_list(body: str) -> tuple[list[tuple[str, int, str]], list[str], str | None]: ...
 def fetch(
     jobs: Sequence[_JobSpec],

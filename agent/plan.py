@@ -21,8 +21,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from agent.cache import RepoCache, atomic_write
 from agent.engines.base import BlobJob, Limits, Part
 from agent.errors import DiskFullError
@@ -91,10 +89,20 @@ class Plan:
         return sum(b.bytes_missing for b in self.to_fetch)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 2
+    except (AttributeError, OSError):  # not on Linux
+        import psutil
+
+        return psutil.cpu_count(logical=True) or 2
+
+
 def size_limits(concurrency: int | None = None) -> Limits:
     """Connections sized to the machine: 4 per core, 8 to 64. Loopback or a fat NIC both want several
     streams in flight; memory is bounded by chunk size x streams, not by part size."""
-    cores = psutil.cpu_count(logical=True) or 2
+    cores = usable_cores()
     return Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
 
 

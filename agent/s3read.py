@@ -3,22 +3,20 @@
 A pull's control plane is one listing and a few small GETs, but importing botocore and building a client
 costs 0.2-0.3 s before the first of them is sent: more than the whole pull of a small model. With the native
 extension, SigV4 presigning and ListObjectsV2 parsing come from rusty-s3 (sans-IO, in Rust) and the few
-requests go over `http.client`; without it, the boto3 `Store` serves through the same `ObjectReader`
-interface. Failures map to the same `AgentError`s as the Store's, and no message carries a query string.
+requests are sent together by the extension's HTTP client; without it, the boto3 `Store` serves through
+the same `ObjectReader` interface. Failures map to the same `AgentError`s as the Store's, and no message
+carries a query string.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import re
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from agent.errors import AgentError, ConfigError, CredentialsError, NotFoundError, StorageUnavailableError
 from agent.retry import backoff_delay, parse_retry_after
@@ -117,53 +115,55 @@ class NativeReader:
                 return
 
     def get_bytes(self, key: str, *, limit: int = METADATA_LIMIT) -> bytes:
-        return self._get(self.presign(key, expires=300), key, limit)
+        return self._get_all([(self.presign(key, expires=300), key)], limit)[0]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """Several small objects at once: one round trip of latency instead of one per object."""
         wanted = list(dict.fromkeys(keys))
-        if len(wanted) < 2:
-            return {key: self.get_bytes(key) for key in wanted}
-        with ThreadPoolExecutor(len(wanted), thread_name_prefix="metadata") as pool:
-            return dict(zip(wanted, pool.map(self.get_bytes, wanted), strict=True))
+        bodies = self._get_all([(self.presign(key, expires=300), key) for key in wanted], METADATA_LIMIT)
+        return dict(zip(wanted, bodies, strict=True))
 
     def _get(self, url: str, what: str, limit: int) -> bytes:
+        return self._get_all([(url, what)], limit)[0]
+
+    def _get_all(self, requests: list[tuple[str, str]], limit: int) -> list[bytes]:
+        """GET (url, what) pairs at once in the native extension; a retryable failure is asked again,
+        with backoff, for the requests that had one."""
+        bodies: dict[int, bytes] = {}
+        pending = list(range(len(requests)))
         for attempt in range(ATTEMPTS):
-            try:
-                return _get_once(url, what, limit)
-            except _Retry as retry:
-                if attempt == ATTEMPTS - 1:
-                    raise retry.error from None
-                time.sleep(backoff_delay(attempt, 0.2, 2.0, retry.retry_after))
-        raise AssertionError("unreachable")
+            urls = [requests[i][0] for i in pending]
+            answers = self.native.get_small(urls, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                                            limit=limit)
+            again: list[int] = []
+            waits: list[float] = []
+            for i, answer in zip(pending, answers, strict=True):
+                try:
+                    bodies[i] = _judge(answer, requests[i][1])
+                except _Retry as retry:
+                    if attempt == ATTEMPTS - 1:
+                        raise retry.error from None
+                    again.append(i)
+                    waits.append(retry.retry_after or 0.0)
+            if not again:
+                break
+            pending = again
+            time.sleep(backoff_delay(attempt, 0.2, 2.0, max(waits) or None))
+        return [bodies[i] for i in range(len(requests))]
 
 
-def _get_once(url: str, what: str, limit: int) -> bytes:
-    parts = urlsplit(url)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.netloc, timeout=CONNECT_TIMEOUT)
-    try:
-        connection.connect()
-        if connection.sock is not None:
-            connection.sock.settimeout(READ_TIMEOUT)
-        connection.request("GET", target)
-        response = connection.getresponse()
-        declared = int(response.getheader("Content-Length") or 0)
-        if response.status == 200 and declared > limit:
-            raise ConfigError(f"{what}: {declared} bytes is too large for metadata")
-        body = response.read(limit + 1)
-        if response.status == 200:
-            if len(body) > limit:
-                raise ConfigError(f"{what}: more than {limit} bytes is too large for metadata")
-            _check_etag(body, response.getheader("ETag"), what)
-            return body
-        raise _status_error(response.status, body, response.getheader("Retry-After"), what)
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Retry(StorageUnavailableError(
-            f"{what}: cannot connect to the object storage endpoint ({type(exc).__name__})")) from None
-    finally:
-        connection.close()
+def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: str) -> bytes:
+    """One answer of `get_small` as the body, an AgentError, or a retry."""
+    status, etag, retry_after, body, error = answer
+    if error == "too large":
+        raise ConfigError(f"{what}: too large for metadata")
+    if error is not None:
+        raise _Retry(StorageUnavailableError(f"{what}: cannot connect to the object storage endpoint "
+                                             f"({error[:200]})"))
+    if status == 200:
+        _check_etag(body, etag, what)
+        return body
+    raise _status_error(status, body, retry_after, what)
 
 
 def _check_etag(body: bytes, etag: str | None, what: str) -> None:
@@ -199,7 +199,7 @@ def open_reader(settings: Settings) -> ObjectReader:
         from agent import _native
     except ImportError:
         _native = None  # type: ignore[assignment]
-    if _native is not None and hasattr(_native, "presign_get"):
+    if _native is not None and hasattr(_native, "get_small"):
         return NativeReader(settings, _native)
     from agent.store import Store
 

@@ -15,15 +15,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import urllib3
 
 from agent.artifacts import InvalidArtifactRequest, redact_signing_logs, validate_artifact_name
 from agent.errors import ConfigError
 from agent.redact import redact_url, scrub_queries
 from agent.retry import backoff_delay
+
+if TYPE_CHECKING:  # urllib3 is imported by the functions that upload: other commands never pay for it
+    import urllib3
 
 CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8"}
 RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
@@ -103,6 +104,8 @@ def load_url_map(path: Path) -> dict[str, str]:
 
 def _put_once(http: urllib3.PoolManager, url: str, path: Path, policy: RetryPolicy) -> int:
     """One PUT of the whole file; returns its size, or raises _Retryable / _Fatal."""
+    import urllib3
+
     try:
         size = path.stat().st_size
         body = path.open("rb")
@@ -158,6 +161,8 @@ def upload_artifacts(directory: Path, urls: Mapping[str, str], *, http: urllib3.
                      policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
                      on_event: EventFn | None = None) -> UploadSummary:
     """Upload every file of `urls` found in `directory`; never raises for one file's failure."""
+    import urllib3
+
     redact_signing_logs()  # urllib3 logs request lines, query string included, at DEBUG
     http = http or urllib3.PoolManager(num_pools=2, maxsize=2)
     policy = policy or RetryPolicy()

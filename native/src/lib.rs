@@ -12,6 +12,7 @@ mod fetch;
 mod part;
 mod response;
 mod s3;
+mod small;
 mod spec;
 mod transfer;
 mod whole;
@@ -29,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(s3::presign_get, m)?)?;
     m.add_function(wrap_pyfunction!(s3::presign_list, m)?)?;
     m.add_function(wrap_pyfunction!(s3::parse_list, m)?)?;
+    m.add_function(wrap_pyfunction!(small::get_small, m)?)?;
     error::add_exceptions(m)?;
     Ok(())
 }

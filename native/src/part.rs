@@ -300,7 +300,7 @@ fn transport(text: String) -> Attempt {
 }
 
 /// An error and its chain of causes on one line ("client error (Connect): tcp connect error: ...").
-fn describe(err: &dyn std::error::Error) -> String {
+pub fn describe(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {
