@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -128,9 +129,11 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def run_measured(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Sample:
-    """Run a process to completion: wall-clock seconds and the peak RSS of its whole tree."""
+    """Run a process to completion: wall-clock seconds, the peak RSS of its whole tree, and the CPU
+    time it and its children used (rusage of the waited-for children)."""
     peak = 0
     done = threading.Event()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("wb") as log_file:
         started = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -158,7 +161,10 @@ def run_measured(argv: list[str], env: dict[str, str], log: Path, cwd: Path | No
     if returncode != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise BenchError(f"{argv[0]} {' '.join(argv[1:4])} ... exited {returncode}:\n{tail}")
-    return Sample(seconds, peak or None)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"cpu_user_s": round(after.ru_utime - before.ru_utime, 3),
+           "cpu_sys_s": round(after.ru_stime - before.ru_stime, 3)}
+    return Sample(seconds, peak or None, extra=cpu)
 
 
 def bytes_under(path: Path) -> int:
@@ -266,7 +272,7 @@ def agent_method(bed: Testbed, engine: str, verify: str = "full", bucket: str = 
         result = json.loads(report.read_text())
         if result.get("engine") != engine or result.get("source") != "minio":
             raise BenchError(f"agent pull did not use {engine} from minio: {result}")
-        sample.extra = {"agent_seconds": result.get("seconds"), "retries": result.get("retries")}
+        sample.extra |= {"agent_seconds": result.get("seconds"), "retries": result.get("retries")}
         report.unlink()
         return sample
 
@@ -369,7 +375,16 @@ def build_methods(bed: Testbed) -> tuple[list[Method], list[str]]:
 
 # -- rounds and the report --------------------------------------------------------------------------
 
-def run_rounds(methods: list[Method], rounds: int, scratch: Path, drop: bool, out: Output) -> None:
+def server_cpu(bed: Testbed) -> float:
+    """CPU seconds the S3 server has used so far (it shares the two cores with the client)."""
+    with contextlib.suppress(psutil.Error, TypeError):
+        times = psutil.Process(bed.server.pid).cpu_times()
+        return float(times.user + times.system)
+    return 0.0
+
+
+def run_rounds(methods: list[Method], rounds: int, scratch: Path, drop: bool, out: Output,
+               bed: Testbed) -> None:
     for r in range(rounds):
         shift = r % len(methods)
         for method in methods[shift:] + methods[:shift]:  # rotate the order: no method always goes first
@@ -380,7 +395,9 @@ def run_rounds(methods: list[Method], rounds: int, scratch: Path, drop: bool, ou
                 drop_caches()
             else:
                 os.sync()
+            server_before = server_cpu(bed)
             sample = method.run(dest)
+            sample.extra["server_cpu_s"] = round(server_cpu(bed) - server_before, 3)
             sample.bytes_on_disk = bytes_under(dest)
             if method.expected_bytes is not None and sample.bytes_on_disk < method.expected_bytes:
                 raise BenchError(f"{method.name}: {sample.bytes_on_disk} bytes landed, "
@@ -390,6 +407,12 @@ def run_rounds(methods: list[Method], rounds: int, scratch: Path, drop: bool, ou
             rss = f", peak RSS {sample.peak_rss / MIB:.0f} MiB" if sample.peak_rss else ""
             out.event("bench.run", f"round {r + 1}/{rounds} {method.name}: {sample.seconds:.2f}s{rss}",
                       round=r + 1, method=method.name, seconds=sample.seconds, peak_rss=sample.peak_rss)
+
+
+def _median_extra(method: Method, keys: tuple[str, ...]) -> float | None:
+    """The median over samples of the sum of `keys` in each sample's extra (None where absent)."""
+    values = [sum(s.extra[k] for k in keys) for s in method.samples if all(k in s.extra for k in keys)]
+    return round(statistics.median(values), 3) if values else None
 
 
 def summarize(methods: list[Method], model_bytes: int) -> dict[str, Any]:
@@ -404,6 +427,8 @@ def summarize(methods: list[Method], model_bytes: int) -> dict[str, Any]:
                      "gb_per_s": round(model_bytes / seconds / 1e9, 4),
                      "vs_limit": round(limit / seconds, 4), "vs_s5cmd_blobs": round(s5cmd_blobs / seconds, 4),
                      "peak_rss_mib": None if m.peak_rss() is None else round(m.peak_rss() / MIB, 1),  # type: ignore[operator]
+                     "client_cpu_s": _median_extra(m, ("cpu_user_s", "cpu_sys_s")),
+                     "server_cpu_s": _median_extra(m, ("server_cpu_s",)),
                      "samples_s": [round(s.seconds, 4) for s in m.samples],
                      "extra": [s.extra for s in m.samples if s.extra]})
     share = None
@@ -419,12 +444,16 @@ def summarize(methods: list[Method], model_bytes: int) -> dict[str, Any]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    header = f"{'method':<22} {'median s':>9} {'GB/s':>7} {'x limit':>8} {'x s5cmd':>8} {'peak RSS':>9}"
+    header = (f"{'method':<22} {'median s':>9} {'GB/s':>7} {'x limit':>8} {'x s5cmd':>8} {'peak RSS':>9} "
+              f"{'client CPU':>10} {'server CPU':>10}")
     lines = [header, "-" * len(header)]
     for row in summary["rows"]:
         rss = "-" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.0f} MiB"
+        client = "-" if row["client_cpu_s"] is None else f"{row['client_cpu_s']:.2f} s"
+        server = "-" if row["server_cpu_s"] is None else f"{row['server_cpu_s']:.2f} s"
         lines.append(f"{row['method']:<22} {row['median_s']:>9.3f} {row['gb_per_s']:>7.3f} "
-                     f"{row['vs_limit']:>8.2f} {row['vs_s5cmd_blobs']:>8.2f} {rss:>9}")
+                     f"{row['vs_limit']:>8.2f} {row['vs_s5cmd_blobs']:>8.2f} {rss:>9} "
+                     f"{client:>10} {server:>10}")
     limit = summary["serving_limit"]
     lines.append(f"serving limit: {limit['method']} at {limit['gb_per_s']:.3f} GB/s "
                  "(x limit, x s5cmd: ratio of throughputs, 1.00 = as fast)")
@@ -496,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             drop = args.drop_caches and drop_caches()
             if args.drop_caches and not drop:
                 notes.append("--drop-caches: not permitted here; runs used a warm page cache")
-            run_rounds(methods, args.rounds, work / "runs", drop, out)
+            run_rounds(methods, args.rounds, work / "runs", drop, out, bed)
         finally:
             bed.stop()
     summary = summarize(methods, bed.model_bytes)

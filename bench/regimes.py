@@ -147,9 +147,12 @@ def many_files(bed: Testbed, files: int, rounds: int, scratch: Path) -> dict[str
     shutil.rmtree(model)
     env = env_for(bed, "files")
     rows = {}
+
+    def agent_run(engine: str) -> Callable[[Path], float]:
+        return lambda d: timed(agent_argv("bench/many-files", d, engine), env, limit_files=True)
+
     for engine in ("native", "python", "s5cmd"):
-        rows[f"agent-{engine}"] = median_of(rounds, scratch, lambda d, e=engine: timed(
-            agent_argv("bench/many-files", d, e), env, limit_files=True))
+        rows[f"agent-{engine}"] = median_of(rounds, scratch, agent_run(engine))
     rows["s5cmd-blobs"] = median_of(rounds, scratch, lambda d: timed(
         s5cmd_argv(bed, "files", "bench/many-files", d), bed.aws_env(), limit_files=True))
     for row in rows.values():
