@@ -62,4 +62,7 @@ def fetch(
     backoff_max: float = 10.0,
     progress: Callable[[int, list[tuple[int, int]]], object] | None = None,
     progress_interval: float = 0.1,
+    min_rate: float = 0.0,
+    rate_window: float = 20.0,
+    stall_retries: int | None = None,
 ) -> _FetchStats: ...

@@ -23,6 +23,7 @@ from agent.engines.base import BlobJob, Limits, Part
 from agent.errors import DiskFullError
 from agent.manifest import FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
+from agent.settings import Deadlines
 from agent.verify import good_parts
 
 MIN_PART = 8 << 20
@@ -53,11 +54,12 @@ class Plan:
         return sum(b.bytes_missing for b in self.to_fetch)
 
 
-def size_limits(concurrency: int | None = None) -> Limits:
+def size_limits(concurrency: int | None = None, deadlines: Deadlines | None = None) -> Limits:
     """Connections sized to the machine: 4 per core, 8 to 64. Loopback or a fat NIC both want several
     streams in flight; memory is bounded by chunk size x streams, not by part size."""
     cores = psutil.cpu_count(logical=True) or 2
-    return Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
+    limits = Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
+    return limits.with_deadlines(deadlines) if deadlines is not None else limits
 
 
 def choose_part_size(size: int, concurrency: int, sidecar: Sidecar | None) -> int:

@@ -28,6 +28,7 @@ from agent.errors import (
 )
 from agent.retry import backoff_delay
 from agent.settings import Settings
+from agent.transport import DeadlineSender
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -86,8 +87,8 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) ->
         signature_version="s3v4",
         s3={"addressing_style": "path"},
         retries={"max_attempts": retries, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=30,
+        connect_timeout=settings.deadlines.connect,
+        read_timeout=30,  # botocore's own sending is left to uploads; metadata goes via DeadlineSender
         max_pool_connections=max_pool,
     )
     client: S3Client = boto3.session.Session().client(
@@ -98,6 +99,7 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) ->
         region_name=settings.region,
         config=config,
     )
+    DeadlineSender(endpoint, settings.deadlines, maxsize=max_pool).register(client)
     return client
 
 

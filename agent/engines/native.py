@@ -86,6 +86,9 @@ class NativeEngine:
                 backoff_max=limits.backoff_max,
                 progress=report,
                 progress_interval=self.progress_interval,
+                min_rate=limits.min_rate,
+                rate_window=limits.rate_window,
+                stall_retries=limits.stall_retries,
             )
         except native.FetchError as exc:
             raise translate(exc) from None

@@ -31,10 +31,13 @@ from agent.errors import (
 )
 from agent.retry import backoff_delay, parse_retry_after
 from agent.store import scrub_queries
+from agent.transport import Pace, TooSlow, paced_chunks, pool_for
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _POOL: urllib3.PoolManager | None = None
+# What a part's deadlines raise: retried only `Limits.stall_retries` times (503 and resets get more).
+STALLS = (urllib3.exceptions.TimeoutError, TooSlow)
 
 
 class _Retryable(Exception):
@@ -57,11 +60,11 @@ def _init_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _pool(limits: Limits) -> urllib3.PoolManager:
+def _pool(url: str, limits: Limits) -> urllib3.PoolManager:
+    """One pool per worker (every URL of a pull names the same server), direct or via the env's proxy."""
     global _POOL
     if _POOL is None:
-        timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.read_timeout)
-        _POOL = urllib3.PoolManager(num_pools=4, maxsize=4, timeout=timeout, retries=False)
+        _POOL = pool_for(url, connect=limits.connect_timeout, first_byte=limits.read_timeout)
     return _POOL
 
 
@@ -91,14 +94,15 @@ def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask) -> int:
 def _stream_part(task: PartTask, fd: int) -> None:
     part = task.part
     end = part.offset + part.length - 1
-    response = _pool(task.limits).request(
+    response = _pool(task.url, task.limits).request(
         "GET", task.url, headers={"Range": f"bytes={part.offset}-{end}"}, preload_content=False)
     reusable = False
     try:
         pos = _body_start(response, task)
         digest = hashlib.sha256() if part.sha256 else None
         written = 0
-        for chunk in response.stream(CHUNK, decode_content=False):  # the stored bytes, byte for byte
+        pace = Pace(task.limits.min_rate, task.limits.rate_window)
+        for chunk in paced_chunks(response, pace, CHUNK):  # the stored bytes, byte for byte
             if pos < part.offset:  # a 200 for the whole object: skip to our range
                 skip = min(len(chunk), part.offset - pos)
                 chunk, pos = chunk[skip:], pos + skip
@@ -126,13 +130,15 @@ def _stream_part(task: PartTask, fd: int) -> None:
 def fetch_part(task: PartTask) -> int:
     """Runs in a worker: fetch one part with retries; returns the number of retries it needed."""
     fd = os.open(task.path, os.O_WRONLY)
+    stalls = 0
     try:
         for attempt in range(task.limits.max_retries + 1):
             try:
                 _stream_part(task, fd)
                 return attempt
-            except (_Retryable, urllib3.exceptions.HTTPError, OSError) as exc:
-                if attempt == task.limits.max_retries:
+            except (_Retryable, TooSlow, urllib3.exceptions.HTTPError, OSError) as exc:
+                stalls += isinstance(exc, STALLS)
+                if attempt == task.limits.max_retries or stalls > task.limits.stall_retries:
                     raise _final_error(task, exc) from None
                 retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
                 limits = task.limits

@@ -11,6 +11,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::backoff;
 use crate::client::range_request;
+use crate::deadline::{is_timeout, Pace, Stalls};
 use crate::error::{Attempt, Cause, Failure};
 use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
@@ -51,6 +52,7 @@ pub async fn fetch_part(
     let options = &shared.options;
     let mut state = PartState::new();
     let mut attempt = 0u32;
+    let mut stalls = Stalls::new(options);
     loop {
         let (cause, after) = match try_once(shared, job, part, &mut state).await {
             Ok(()) => return Ok(()),
@@ -59,7 +61,7 @@ pub async fn fetch_part(
             }
             Err(Attempt::Retry { cause, after }) => (cause, after),
         };
-        if attempt >= options.max_retries {
+        if attempt >= options.max_retries || stalls.exhausted(&cause) {
             return Err(failure(cause, attempt, job_index, job, part));
         }
         let wait = match after {
@@ -94,12 +96,15 @@ async fn request_range(
     start: u64,
     end: u64,
 ) -> Result<(u64, Incoming), Attempt> {
-    let wait = shared.options.connect_timeout + shared.options.read_timeout;
+    let wait = shared
+        .options
+        .read_timeout
+        .max(shared.options.connect_timeout);
     let request = shared.client.request(range_request(job, start, end));
     let response = timeout(wait, request)
         .await
-        .map_err(|_| transport(format!("no response within {}", seconds(wait))))?
-        .map_err(|e| transport(describe(&e)))?;
+        .map_err(|_| stalled(format!("no response within {}", seconds(wait))))?
+        .map_err(|e| network(&e))?;
     let (head, body) = response.into_parts();
     let skip = body_skip(&head, start, end)?;
     Ok((skip, body))
@@ -116,9 +121,13 @@ async fn stream_to_file(
     mut skip: u64,
 ) -> Result<(), Attempt> {
     let read_timeout = shared.options.read_timeout;
+    let mut pace = Pace::new(&shared.options);
     while state.received < part.length {
-        let frame = match timeout(read_timeout, body.frame()).await {
-            Err(_) => return Err(transport(format!("no data for {}", seconds(read_timeout)))),
+        let frame = match timeout(pace.wait(), body.frame()).await {
+            Err(_) => {
+                pace.idle().map_err(Attempt::retry)?;
+                continue;
+            }
             Ok(None) => {
                 let got = state.received;
                 return Err(transport(format!(
@@ -143,6 +152,7 @@ async fn stream_to_file(
             .map_err(|e| Attempt::Fatal(Cause::File(e)))?;
         state.hasher.update(chunk);
         state.received += take as u64;
+        pace.record(take as u64).map_err(Attempt::retry)?;
         if state.received > state.counted {
             shared.count_bytes(state.received - state.counted);
             state.counted = state.received;
@@ -193,6 +203,18 @@ fn failure(
 
 fn transport(text: String) -> Attempt {
     Attempt::retry(Cause::Transport(text))
+}
+
+fn stalled(text: String) -> Attempt {
+    Attempt::retry(Cause::Timeout(text))
+}
+
+/// A request that failed before its head: a connect timeout counts as a stall.
+fn network(err: &(dyn std::error::Error + 'static)) -> Attempt {
+    match is_timeout(err) {
+        true => stalled(describe(err)),
+        false => transport(describe(err)),
+    }
 }
 
 /// An error and its chain of causes on one line ("client error (Connect): tcp connect error: ...").

@@ -18,6 +18,11 @@ SigV4 signs the Host header. Two ways to address the proxy, chosen by `preserve_
 - `True`: the client signs against the proxy itself (boto3 or s5cmd with `endpoint_url=proxy.endpoint_url`);
   the proxy forwards the client's Host unchanged.
 
+It also acts as a forward proxy (HTTP_PROXY=proxy.endpoint_url): a request in absolute form
+(`GET http://any-host:port/path`) goes to the same upstream with its Host unchanged, and is logged with
+`absolute=True`, so a test can prove a client sent its bytes through a proxy. Any host name works,
+including one that does not resolve, which no client could reach without the proxy.
+
 Responses are read whole from the upstream before being sent on: meant for test-sized objects.
 The log never holds a query string (presigned URLs carry their signature there).
 """
@@ -43,6 +48,7 @@ FaultKind = Literal[
     "truncate",      # send the headers and half the body, then close cleanly (short body)
     "stall",         # send the headers and half the body, wait `stall_seconds`, then the rest
     "stall_head",    # wait `stall_seconds` before answering at all, then answer normally
+    "trickle",       # send the headers, then the body one byte every `stall_seconds` (a dying link)
     "flip",          # flip every bit of the body's middle byte (same length, wrong bytes)
     "slowdown",      # answer 503 SlowDown with Retry-After: 1, without asking the upstream
     "error500",      # answer 500 InternalError, without asking the upstream
@@ -71,6 +77,9 @@ class Request:
     status: int  # the status sent to the client; 0 for `stall_head` (logged before any answer)
     fault: str | None  # the fault applied, if any
     connection: int  # client connection number: equal numbers mean a kept-alive connection was reused
+    absolute: bool = False  # sent in absolute form, as to a forward proxy
+    host: str = ""  # the Host the client asked for
+    size: int = 0  # body bytes the proxy answered with (before any fault cut them short)
 
 
 Matcher = Callable[[str, str, "str | None"], bool]  # (method, path, range) -> applies?
@@ -286,6 +295,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             self.owner._leave()
 
     def _serve_one(self) -> None:
+        self.absolute = self.path.startswith("http://")
+        if self.absolute:  # a forward-proxy request: the upstream gets the origin form
+            rest = self.path[len("http://"):]
+            self.path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         path = self.path.split("?", 1)[0]
         range_ = self.headers.get("Range")
         rule = self.owner._take_rule(self.command, path, range_)
@@ -307,9 +320,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             upstream = self._forward(request_body, drop_range=kind == "full_200")
             self._answer(upstream, kind, stall, None if kind == "stall_head" else record)
 
-    def _record_as(self, path: str, range_: str | None, kind: str | None) -> Callable[[int], None]:
-        def record(status: int) -> None:
-            self.owner._record(Request(self.command, path, range_, status, kind, self.connection_number))
+    def _record_as(self, path: str, range_: str | None, kind: str | None) -> Callable[..., None]:
+        def record(status: int, size: int = 0) -> None:
+            self.owner._record(Request(self.command, path, range_, status, kind, self.connection_number,
+                                       self.absolute, self.headers.get("Host", ""), size))
         return record
 
     def _read_request_body(self) -> bytes:
@@ -340,7 +354,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
             conn.close()
 
     def _answer(self, upstream: _Upstream, kind: str | None, stall: float,
-                record: Callable[[int], None] | None) -> None:
+                record: Callable[..., None] | None) -> None:
         """Send the upstream's answer, broken as `kind` says. `record` is called before anything is sent, so
         the log holds a request by the time its client sees the answer (or the stall, or the reset)."""
         status, body = upstream.status, upstream.body
@@ -350,7 +364,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
         if record is not None:
-            record(status)
+            record(status, 0 if self.command == "HEAD" else len(body))
         self.send_response_only(status, upstream.reason)
         for name, value in upstream.headers:
             self.send_header(name, value)
@@ -359,6 +373,12 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         half = len(body) // 2
+        if kind == "trickle":
+            for i in range(len(body)):
+                if self.owner._stopping.wait(stall) or not self._send(body[i:i + 1]):
+                    self.close_connection = True
+                    return
+            return
         if kind in ("reset", "truncate", "stall"):
             self._send(body[:half])
             if kind == "reset":
@@ -386,12 +406,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self._send(body)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> bool:
         try:
             self.wfile.write(data)
             self.wfile.flush()
         except OSError:  # the client gave up (its read timeout, or it was cancelled)
             self.close_connection = True
+            return False
+        return True
 
     def _reset(self) -> None:
         """Close with SO_LINGER 0: the kernel sends RST, the client sees 'connection reset by peer'."""
