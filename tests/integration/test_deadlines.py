@@ -76,9 +76,11 @@ def blob_get(method: str, path: str, _range: str | None) -> bool:
     return method == "GET" and "/blobs/" in path and path.endswith(tuple("0123456789abcdef"))
 
 
+Outcome = tuple[subprocess.CompletedProcess[str], "dict[str, object] | None"]
+
+
 def run_pull(proxy: FaultProxy, s3_server: SeaweedServer, bucket: str, repo_id: str, engine: str,
-             home: Path, limit: int, *, fallback: FakeHub | None = None) -> tuple[subprocess.CompletedProcess[str],
-                                                                                  dict[str, object] | None]:
+             home: Path, limit: int, *, fallback: FakeHub | None = None) -> Outcome:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
     env.update(s3_server.env(bucket), MINIO_ENDPOINT=proxy.endpoint_url, PYTHONPATH=str(ROOT),
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **DEADLINES)
