@@ -52,6 +52,9 @@ class Deadlines:
     aborted and retried at most `stall_retries` times (other failures, such as 503, keep their own
     retries), so a server that accepts connections and never answers costs about
     (stall_retries + 1) x first_byte seconds and one that trickles (stall_retries + 1) x rate_window.
+    `retries` is generous on purpose: a 503 is the server asking a crowd of pods to slow down, and
+    ten jittered backoffs (0.2 s doubling to a 10 s cap, Retry-After honoured) ride out a storm of
+    half a minute or more before the pull gives up and falls back.
     """
 
     connect: float = 5.0  # TCP (and TLS) connect
@@ -59,13 +62,14 @@ class Deadlines:
     min_rate: float = 64 * KIB  # bytes/s a body must average over each window; 0 turns the rule off
     rate_window: float = 20.0  # seconds over which `min_rate` is judged
     stall_retries: int = 1  # retries of a request that timed out or was too slow
+    retries: int = 10  # retries of any other transient failure: 503 SlowDown, 5xx, a reset, a short body
 
     def __post_init__(self) -> None:
         for name in ("connect", "first_byte", "rate_window"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"deadline {name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.min_rate < 0 or self.stall_retries < 0:
-            raise ConfigError("the minimum rate and the stall retries must be >= 0")
+        if self.min_rate < 0 or self.stall_retries < 0 or self.retries < 0:
+            raise ConfigError("the minimum rate and the retries must be >= 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Deadlines:
@@ -76,6 +80,7 @@ class Deadlines:
             min_rate=_as_float(env, "SIMSWARM_MIN_RATE_KIB", base.min_rate / KIB) * KIB,
             rate_window=_as_float(env, "SIMSWARM_RATE_WINDOW", base.rate_window),
             stall_retries=int(_as_float(env, "SIMSWARM_STALL_RETRIES", base.stall_retries)),
+            retries=int(_as_float(env, "SIMSWARM_RETRIES", base.retries)),
         )
 
 

@@ -80,13 +80,14 @@ def redact_signing_logs() -> None:
             logger.addFilter(_REDACTOR)
 
 
-def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
+def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None = None) -> S3Client:
     endpoint = settings.require_storage()
     redact_signing_logs()
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
-        retries={"max_attempts": retries, "mode": "standard"},
+        retries={"total_max_attempts": 1 + (settings.deadlines.retries if retries is None else retries),
+                 "mode": "standard"},
         connect_timeout=settings.deadlines.connect,
         read_timeout=30,  # botocore's own sending is left to uploads; metadata goes via DeadlineSender
         max_pool_connections=max_pool,

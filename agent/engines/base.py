@@ -59,7 +59,7 @@ class Limits:
     def with_deadlines(self, deadlines: Deadlines) -> Limits:
         return replace(self, connect_timeout=deadlines.connect, read_timeout=deadlines.first_byte,
                        min_rate=deadlines.min_rate, rate_window=deadlines.rate_window,
-                       stall_retries=deadlines.stall_retries)
+                       stall_retries=deadlines.stall_retries, max_retries=deadlines.retries)
 
 
 ProgressFn = Callable[[int], None]  # bytes newly written since the last call

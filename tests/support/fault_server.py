@@ -23,7 +23,8 @@ It also acts as a forward proxy (HTTP_PROXY=proxy.endpoint_url): a request in ab
 `absolute=True`, so a test can prove a client sent its bytes through a proxy. Any host name works,
 including one that does not resolve, which no client could reach without the proxy.
 
-Responses are read whole from the upstream before being sent on: meant for test-sized objects.
+A response the proxy breaks is read whole from the upstream first (test-sized objects); one it leaves
+alone is relayed as it streams, so the proxy can also carry a benchmark's gigabytes.
 The log never holds a query string (presigned URLs carry their signature there).
 """
 
@@ -317,6 +318,9 @@ class _FaultHandler(BaseHTTPRequestHandler):
                 record(0)  # now, so a test can see the request while it hangs
                 if self.owner._stopping.wait(stall):
                     return
+            if kind is None:
+                self._relay(request_body, record)
+                return
             upstream = self._forward(request_body, drop_range=kind == "full_200")
             self._answer(upstream, kind, stall, None if kind == "stall_head" else record)
 
@@ -331,6 +335,39 @@ class _FaultHandler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _forward(self, body: bytes, *, drop_range: bool) -> _Upstream:
+        conn = self._send_upstream(body, drop_range=drop_range)
+        try:
+            response = conn.getresponse()
+            data = response.read()
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
+            return _Upstream(response.status, response.reason, headers, data)
+        finally:
+            conn.close()
+
+    def _relay(self, body: bytes, record: Callable[..., None]) -> None:
+        """Pass the upstream's answer through unchanged, streaming a body of known length."""
+        conn = self._send_upstream(body, drop_range=False)
+        try:
+            response = conn.getresponse()
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
+            length = response.getheader("Content-Length")
+            if length is None or self.command == "HEAD":
+                self._answer(_Upstream(response.status, response.reason, headers, response.read()),
+                             None, 0.0, record)
+                return
+            record(response.status, int(length))
+            self.send_response_only(response.status, response.reason)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            while chunk := response.read(1 << 20):
+                if not self._send(chunk):
+                    return
+        finally:
+            conn.close()
+
+    def _send_upstream(self, body: bytes, *, drop_range: bool) -> http.client.HTTPConnection:
         owner = self.owner
         conn = http.client.HTTPConnection(owner.upstream_host, owner.upstream_port,
                                           timeout=owner.upstream_timeout)
@@ -346,12 +383,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             if body or self.command in ("PUT", "POST"):
                 conn.putheader("Content-Length", str(len(body)))
             conn.endheaders(body or None)
-            response = conn.getresponse()
-            data = response.read()
-            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
-            return _Upstream(response.status, response.reason, headers, data)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return conn
 
     def _answer(self, upstream: _Upstream, kind: str | None, stall: float,
                 record: Callable[..., None] | None) -> None:
