@@ -29,7 +29,7 @@ def _clean(value: str | None) -> str | None:
     return value or None
 
 
-def _as_float(env: Mapping[str, str], name: str, default: float) -> float:
+def _as_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
     value = _clean(env.get(name))
     if value is None:
         return default
@@ -37,8 +37,8 @@ def _as_float(env: Mapping[str, str], name: str, default: float) -> float:
         number = float(value)
     except ValueError:
         raise ConfigError(f"{name} is not a number: {value!r}") from None
-    if not number >= 0 or number == float("inf"):  # also refuses NaN
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not number >= 0 or number == float("inf") or (positive and number == 0):  # also refuses NaN
+        raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     return number
 
 
@@ -75,10 +75,10 @@ class Deadlines:
     def from_env(cls, env: Mapping[str, str]) -> Deadlines:
         base = cls()
         return cls(
-            connect=_as_float(env, "SIMSWARM_CONNECT_TIMEOUT", base.connect),
-            first_byte=_as_float(env, "SIMSWARM_FIRST_BYTE_TIMEOUT", base.first_byte),
+            connect=_as_float(env, "SIMSWARM_CONNECT_TIMEOUT", base.connect, positive=True),
+            first_byte=_as_float(env, "SIMSWARM_FIRST_BYTE_TIMEOUT", base.first_byte, positive=True),
             min_rate=_as_float(env, "SIMSWARM_MIN_RATE_KIB", base.min_rate / KIB) * KIB,
-            rate_window=_as_float(env, "SIMSWARM_RATE_WINDOW", base.rate_window),
+            rate_window=_as_float(env, "SIMSWARM_RATE_WINDOW", base.rate_window, positive=True),
             stall_retries=int(_as_float(env, "SIMSWARM_STALL_RETRIES", base.stall_retries)),
             retries=int(_as_float(env, "SIMSWARM_RETRIES", base.retries)),
         )

@@ -100,7 +100,7 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None 
         region_name=settings.region,
         config=config,
     )
-    DeadlineSender(endpoint, settings.deadlines, maxsize=max_pool).register(client)
+    DeadlineSender.install(client, endpoint, settings.deadlines, maxsize=max_pool)
     return client
 
 

@@ -12,8 +12,10 @@ manifest and sidecar GETs) that boto3 signs:
   rate over a window, checked after every chunk read with `read1` (which returns what one socket read
   brought, instead of waiting for a full chunk).
 
-`DeadlineSender` sends botocore's already-signed metadata requests through this layer (botocore's public
-`before-send` hook, the seam moto uses), so they obey the same deadlines and proxies as the bytes.
+`DeadlineSender` sends botocore's already-signed GET and HEAD requests (the listing, HEAD, ref, manifest
+and sidecar GETs) through this layer, so they obey the same deadlines and proxies as the bytes; uploads
+stay with botocore's own sender. It takes the place of the client's HTTP session, behind botocore's
+`before-send` hook, so a stub on that hook (moto) still answers first.
 """
 
 from __future__ import annotations
@@ -34,12 +36,20 @@ from agent.errors import StorageUnavailableError
 from agent.settings import Deadlines
 
 CHUNK = 1 << 20
-# The operations that read metadata: small bodies, worth holding whole, sent through DeadlineSender.
-METADATA_OPERATIONS = ("ListObjectsV2", "HeadObject", "HeadBucket", "GetObject")
+# What reads metadata (small bodies, held whole): every GET and HEAD the agent's boto3 client sends.
+METADATA_METHODS = ("GET", "HEAD")
 
 
 class TooSlow(Exception):
     """A body arrived slower than the minimum rate over a whole window."""
+
+
+def is_stall(exc: BaseException) -> bool:
+    """A deadline ran out (connect, first byte, silence) or the body was too slow: the failures that get
+    `stall_retries`. A refused connection is not one, though urllib3 2 derives it from its timeouts."""
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return False
+    return isinstance(exc, (urllib3.exceptions.TimeoutError, TooSlow))
 
 
 def proxy_for(url: str) -> str | None:
@@ -120,20 +130,24 @@ class _Body(io.BytesIO):
 
 
 class DeadlineSender:
-    """botocore's `before-send` handler for the metadata operations: sends the signed request itself.
+    """The HTTP session of the agent's boto3 client: sends its signed GET and HEAD requests itself.
 
     A timeout or a too-slow body is raised as botocore's own timeout, so botocore's retry policy
     retries it, until `stall_retries + 1` of them have come in a row: then `StorageUnavailableError`
     (exit 3), which botocore does not retry, so a server that never answers fails within the deadline
     instead of after every one of botocore's attempts. Any answer resets the count."""
 
-    def __init__(self, endpoint_url: str, deadlines: Deadlines, *, maxsize: int = 4) -> None:
+    def __init__(self, endpoint_url: str, deadlines: Deadlines, inner: Any, *, maxsize: int = 4) -> None:
         self.deadlines = deadlines
+        self.inner = inner  # botocore's own session, for everything else
         self.pool = pool_for(endpoint_url, connect=deadlines.connect, first_byte=deadlines.first_byte,
                              maxsize=maxsize)
         self.stalls = 0
 
-    def __call__(self, request: AWSPreparedRequest, **_: Any) -> AWSResponse:
+    def send(self, request: AWSPreparedRequest) -> AWSResponse:
+        if request.method not in METADATA_METHODS:
+            sent: AWSResponse = self.inner.send(request)
+            return sent
         url = request.url
         try:
             response = self.pool.urlopen(request.method, url, body=request.body,
@@ -142,23 +156,28 @@ class DeadlineSender:
             try:
                 pace = Pace(self.deadlines.min_rate, self.deadlines.rate_window)
                 body = b"".join(paced_chunks(response, pace)) if request.method != "HEAD" else b""
+            except BaseException:
+                response.close()  # a half-read body must not go back to the pool
+                raise
             finally:
                 response.release_conn()
-        except (urllib3.exceptions.TimeoutError, TooSlow) as exc:
-            raise self._stalled(url, exc) from None
-        except urllib3.exceptions.NewConnectionError as exc:
-            raise EndpointConnectionError(endpoint_url=url.split("?", 1)[0], error=exc) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConnectionClosedError(endpoint_url=url.split("?", 1)[0], error=exc) from None
+        except (urllib3.exceptions.HTTPError, OSError, TooSlow) as exc:
+            raise self._failed(url, exc) from None
         self.stalls = 0
         headers = HTTPHeaders()
         for name, value in response.headers.items():
             headers[name] = value
         return AWSResponse(url, response.status, headers, _Body(body))
 
-    def _stalled(self, url: str, exc: Exception) -> Exception:
-        self.stalls += 1
+    def _failed(self, url: str, exc: Exception) -> Exception:
+        """botocore's own error for `exc` (so its retry policy applies), or ours once stalls run out."""
         where = url.split("?", 1)[0]
+        if not is_stall(exc):
+            self.stalls = 0
+            if isinstance(exc, urllib3.exceptions.NewConnectionError):
+                return EndpointConnectionError(endpoint_url=where, error=exc)
+            return ConnectionClosedError(endpoint_url=where, error=exc)
+        self.stalls += 1
         if self.stalls > self.deadlines.stall_retries:
             self.stalls = 0
             return StorageUnavailableError(f"{where}: {_why(exc)} on {self.deadlines.stall_retries + 1} "
@@ -167,9 +186,15 @@ class DeadlineSender:
             return ConnectTimeoutError(endpoint_url=where, error=exc)
         return BotoReadTimeout(endpoint_url=where, error=exc)
 
-    def register(self, client: Any) -> None:
-        for operation in METADATA_OPERATIONS:
-            client.meta.events.register(f"before-send.s3.{operation}", self)
+    def close(self) -> None:
+        self.pool.clear()
+        self.inner.close()
+
+    @classmethod
+    def install(cls, client: Any, endpoint_url: str, deadlines: Deadlines, *, maxsize: int = 4) -> None:
+        """Make this the client's HTTP session (botocore keeps it on the client's endpoint)."""
+        endpoint = client._endpoint
+        endpoint.http_session = cls(endpoint_url, deadlines, endpoint.http_session, maxsize=maxsize)
 
 
 def _why(exc: Exception) -> str:

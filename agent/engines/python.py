@@ -31,13 +31,11 @@ from agent.errors import (
 )
 from agent.retry import backoff_delay, parse_retry_after
 from agent.store import scrub_queries
-from agent.transport import Pace, TooSlow, paced_chunks, pool_for
+from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _POOL: urllib3.PoolManager | None = None
-# What a part's deadlines raise: retried only `Limits.stall_retries` times (503 and resets get more).
-STALLS = (urllib3.exceptions.TimeoutError, TooSlow)
 
 
 class _Retryable(Exception):
@@ -137,7 +135,7 @@ def fetch_part(task: PartTask) -> int:
                 _stream_part(task, fd)
                 return attempt
             except (_Retryable, TooSlow, urllib3.exceptions.HTTPError, OSError) as exc:
-                stalls += isinstance(exc, STALLS)
+                stalls += is_stall(exc)  # these get only `stall_retries`; 503s and resets get more
                 if attempt == task.limits.max_retries or stalls > task.limits.stall_retries:
                     raise _final_error(task, exc) from None
                 retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
