@@ -48,9 +48,10 @@ class Deadlines:
 
     Sized for a pod next to its object store, where a healthy stream moves tens of MB/s: a connect takes
     milliseconds, an overloaded MinIO answers `503 SlowDown` within its own 10 s request deadline, and a
-    stream below 64 KiB/s for 20 s is broken, not slow. A request that runs into one of these limits is
-    aborted and retried at most `stall_retries` times (other failures, such as 503, keep their own
-    retries), so a server that accepts connections and never answers costs about
+    stream below 64 KiB/s for 20 s is broken, not slow. A request that runs into one of these limits, or
+    cannot connect at all, is aborted and retried at most `stall_retries` times (an answer asking to
+    retry, such as 503, gets `retries`), so a server that is down fails at once, one that accepts
+    connections and never answers costs about
     (stall_retries + 1) x first_byte seconds and one that trickles (stall_retries + 1) x rate_window.
     `retries` is generous on purpose: a 503 is the server asking a crowd of pods to slow down, and
     ten jittered backoffs (0.2 s doubling to a 10 s cap, Retry-After honoured) ride out a storm of
@@ -61,7 +62,7 @@ class Deadlines:
     first_byte: float = 10.0  # from sending a request to its response head; also the longest silence
     min_rate: float = 64 * KIB  # bytes/s a body must average over each window; 0 turns the rule off
     rate_window: float = 20.0  # seconds over which `min_rate` is judged
-    stall_retries: int = 1  # retries of a request that timed out or was too slow
+    stall_retries: int = 1  # retries of a request with no usable answer: down, timed out, slow, bad bytes
     retries: int = 10  # retries of any other transient failure: 503 SlowDown, 5xx, a reset, a short body
 
     def __post_init__(self) -> None:

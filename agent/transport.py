@@ -45,10 +45,9 @@ class TooSlow(Exception):
 
 
 def is_stall(exc: BaseException) -> bool:
-    """A deadline ran out (connect, first byte, silence) or the body was too slow: the failures that get
-    `stall_retries`. A refused connection is not one, though urllib3 2 derives it from its timeouts."""
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        return False
+    """No usable answer: the connection failed (refused, DNS; urllib3 2 derives these from its connect
+    timeout) or timed out, no head within the first-byte deadline, a silence, a body too slow. These
+    get `stall_retries`; an answer asking to retry (503, 5xx) or a broken body gets `retries`."""
     return isinstance(exc, (urllib3.exceptions.TimeoutError, TooSlow))
 
 
@@ -174,14 +173,14 @@ class DeadlineSender:
         where = url.split("?", 1)[0]
         if not is_stall(exc):
             self.stalls = 0
-            if isinstance(exc, urllib3.exceptions.NewConnectionError):
-                return EndpointConnectionError(endpoint_url=where, error=exc)
             return ConnectionClosedError(endpoint_url=where, error=exc)
         self.stalls += 1
         if self.stalls > self.deadlines.stall_retries:
             self.stalls = 0
             return StorageUnavailableError(f"{where}: {_why(exc)} on {self.deadlines.stall_retries + 1} "
                                            "tries in a row: the object storage stalled")
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            return EndpointConnectionError(endpoint_url=where, error=exc)
         if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
             return ConnectTimeoutError(endpoint_url=where, error=exc)
         return BotoReadTimeout(endpoint_url=where, error=exc)
@@ -200,6 +199,8 @@ class DeadlineSender:
 def _why(exc: Exception) -> str:
     if isinstance(exc, TooSlow):
         return f"too slow ({exc})"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return "cannot connect"
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return "no connection within the connect deadline"
     return "no answer within the first-byte deadline"

@@ -54,7 +54,7 @@ class Limits:
     backoff_max: float = 10.0
     min_rate: float = _D.min_rate  # bytes/s over each `rate_window`; 0: off
     rate_window: float = _D.rate_window
-    stall_retries: int = _D.stall_retries  # retries of a part that timed out or was too slow
+    stall_retries: int = _D.stall_retries  # retries of a part that got no usable answer
 
     def with_deadlines(self, deadlines: Deadlines) -> Limits:
         return replace(self, connect_timeout=deadlines.connect, read_timeout=deadlines.first_byte,

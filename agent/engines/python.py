@@ -44,6 +44,10 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _BadDigest(_Retryable):
+    """The part's bytes are not the sidecar's: no usable answer, retried like a stall."""
+
+
 @dataclass(frozen=True)
 class PartTask:
     url: str
@@ -116,7 +120,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
         if written != part.length:
             raise _Retryable(f"short body: {written} of {part.length} bytes")
         if digest is not None and digest.hexdigest() != part.sha256:
-            raise _Retryable("part digest mismatch")
+            raise _BadDigest("part digest mismatch")
         reusable = pos == part.offset + part.length and response.status == 206
     finally:
         # Only a fully read 206 leaves the connection clean for the next request; otherwise drop it.
@@ -135,7 +139,9 @@ def fetch_part(task: PartTask) -> int:
                 _stream_part(task, fd)
                 return attempt
             except (_Retryable, TooSlow, urllib3.exceptions.HTTPError, OSError) as exc:
-                stalls += is_stall(exc)  # these get only `stall_retries`; 503s and resets get more
+                # no usable answer (nobody there, too slow, wrong bytes): only `stall_retries`; 503s and
+                # resets get more
+                stalls += is_stall(exc) or isinstance(exc, _BadDigest)
                 if attempt == task.limits.max_retries or stalls > task.limits.stall_retries:
                     raise _final_error(task, exc) from None
                 retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
@@ -148,7 +154,7 @@ def fetch_part(task: PartTask) -> int:
 
 def _final_error(task: PartTask, exc: Exception) -> AgentError:
     where = f"{os.path.basename(task.path)} bytes {task.part.offset}+{task.part.length}"
-    if isinstance(exc, _Retryable) and "digest" in str(exc):
+    if isinstance(exc, _BadDigest):
         return VerificationError(f"{where}: part digest mismatch after retries")
     # urllib3 names the request path with its query (MaxRetryError: "... with url: /b/k?X-Amz-..."), with
     # or without a scheme: strip every query string, not only those of full URLs.

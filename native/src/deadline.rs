@@ -53,7 +53,7 @@ impl Pace {
         let now = Instant::now();
         let silent = now - self.last_byte;
         if silent >= self.silence {
-            return Err(Cause::Timeout(format!(
+            return Err(Cause::Unanswered(format!(
                 "no data for {:.3} s",
                 silent.as_secs_f64()
             )));
@@ -68,7 +68,7 @@ impl Pace {
         }
         let seconds = elapsed.as_secs_f64();
         if (self.window_bytes as f64) < self.min_rate * seconds {
-            return Err(Cause::Timeout(format!(
+            return Err(Cause::Unanswered(format!(
                 "{} bytes in {seconds:.1} s, below the minimum of {} KiB/s over {} s",
                 self.window_bytes,
                 self.min_rate / 1024.0,
@@ -81,9 +81,10 @@ impl Pace {
     }
 }
 
-/// Counts the attempts of one part that ended in a timeout: those get `stall_retries` retries, fewer
-/// than other failures, so a server that accepts connections and never answers (or trickles) fails
-/// the pull in about (stall_retries + 1) deadlines rather than after every retry.
+/// Counts the attempts of one part that got no usable answer (`Cause::Unanswered`, or bytes that fail
+/// their digest): those get
+/// `stall_retries` retries, fewer than an answer that asks to retry (503), so a server that is down,
+/// never answers or trickles fails the pull in about (stall_retries + 1) deadlines.
 pub struct Stalls {
     count: u32,
     allowed: u32,
@@ -97,17 +98,23 @@ impl Stalls {
         }
     }
 
-    /// True when `cause` is a timeout and the part has used up its retries for those.
+    /// True when `cause` got no answer and the part has used up its retries for those.
     pub fn exhausted(&mut self, cause: &Cause) -> bool {
-        if matches!(cause, Cause::Timeout(_)) {
+        if matches!(cause, Cause::Unanswered(_) | Cause::Digest { .. }) {
             self.count += 1;
         }
         self.count > self.allowed
     }
 }
 
-/// True when an error (or one of its causes) is an I/O timeout: hyper's connect timeout.
-pub fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+/// True when a request failed without reaching the server: the connect failed (refused, no route,
+/// DNS) or timed out. A server that is not there is retried like one that does not answer.
+pub fn is_unreachable(err: &hyper_util::client::legacy::Error) -> bool {
+    err.is_connect() || is_timeout(err)
+}
+
+/// True when an error (or one of its causes) is an I/O timeout.
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(err);
     while let Some(e) = current {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -138,7 +145,7 @@ mod tests {
         let mut pace = Pace::new(&options(1000.0, 30, 1000, 1));
         assert!(pace.record(1).is_ok());
         std::thread::sleep(Duration::from_millis(40));
-        assert!(matches!(pace.record(1), Err(Cause::Timeout(_))));
+        assert!(matches!(pace.record(1), Err(Cause::Unanswered(_))));
     }
 
     #[test]
@@ -155,15 +162,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(15));
         assert!(pace.idle().is_ok());
         std::thread::sleep(Duration::from_millis(10));
-        assert!(matches!(pace.idle(), Err(Cause::Timeout(_))));
+        assert!(matches!(pace.idle(), Err(Cause::Unanswered(_))));
     }
 
     #[test]
     fn only_timeouts_use_the_stall_retries() {
         let mut stalls = Stalls::new(&options(0.0, 10, 10, 1));
         assert!(!stalls.exhausted(&Cause::Status(503)));
-        assert!(!stalls.exhausted(&Cause::Timeout("t".into())));
+        assert!(!stalls.exhausted(&Cause::Unanswered("t".into())));
         assert!(!stalls.exhausted(&Cause::Status(503)));
-        assert!(stalls.exhausted(&Cause::Timeout("t".into())));
+        assert!(stalls.exhausted(&Cause::Unanswered("t".into())));
+        let mut stalls = Stalls::new(&options(0.0, 10, 10, 0));
+        let digest = Cause::Digest {
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert!(stalls.exhausted(&digest));
     }
 }

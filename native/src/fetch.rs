@@ -26,7 +26,8 @@ use crate::transfer::{self, Shared, Totals};
 /// exception propagates.
 ///
 /// `concurrency` bounds the ranged GETs in flight across all jobs. `read_timeout` is the longest wait
-/// for the next body bytes (and, after `connect_timeout`, for the response head). A part is retried on
+/// for the next body bytes, and for the response head from the request's start (a new connection's
+/// `connect_timeout` included, never less than it). A part is retried on
 /// a broken or stalled connection, a short body, a digest mismatch, 408/429/5xx (`Retry-After` honoured
 /// up to `backoff_max`), otherwise after a full-jitter backoff; other statuses fail at once.
 /// A body averaging under `min_rate` bytes/s over any `rate_window` seconds is dropped and retried, as

@@ -11,7 +11,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::backoff;
 use crate::client::range_request;
-use crate::deadline::{is_timeout, Pace, Stalls};
+use crate::deadline::{is_unreachable, Pace, Stalls};
 use crate::error::{Attempt, Cause, Failure};
 use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
@@ -206,12 +206,12 @@ fn transport(text: String) -> Attempt {
 }
 
 fn stalled(text: String) -> Attempt {
-    Attempt::retry(Cause::Timeout(text))
+    Attempt::retry(Cause::Unanswered(text))
 }
 
-/// A request that failed before its head: a connect timeout counts as a stall.
-fn network(err: &(dyn std::error::Error + 'static)) -> Attempt {
-    match is_timeout(err) {
+/// A request that failed before its head: a failed or timed-out connect counts as no answer.
+fn network(err: &hyper_util::client::legacy::Error) -> Attempt {
+    match is_unreachable(err) {
         true => stalled(describe(err)),
         false => transport(describe(err)),
     }

@@ -113,10 +113,10 @@ def test_retry_after_is_a_floor_spread_over_as_much_again() -> None:
     assert backoff_delay(0, 0.2, 1.5, retry_after=60, rng=rng) == 1.5  # capped
 
 
-def test_a_refused_connection_is_not_a_stall_though_urllib3_derives_it_from_its_timeouts() -> None:
+def test_no_answer_is_a_stall_and_a_broken_answer_is_not() -> None:
     from agent.transport import is_stall
 
     assert is_stall(TooSlow("slow")) and is_stall(urllib3.exceptions.ReadTimeoutError(None, "/", "t"))
     assert is_stall(urllib3.exceptions.ConnectTimeoutError("t"))
-    assert not is_stall(urllib3.exceptions.NewConnectionError(None, "refused"))
-    assert not is_stall(urllib3.exceptions.ProtocolError("reset"))
+    assert is_stall(urllib3.exceptions.NewConnectionError(None, "refused"))  # nobody there
+    assert not is_stall(urllib3.exceptions.ProtocolError("reset"))  # a server that answered
