@@ -87,6 +87,8 @@ def get_small(
     *,
     connect_timeout: float = 5.0,
     read_timeout: float = 30.0,
+    min_rate: float = 0.0,
+    rate_window: float = 20.0,
     limit: int = 67108864,
 ) -> list[tuple[int, str | None, str | None, bytes, str | None]]: ...
 def parse_list(body: str) -> tuple[list[tuple[str, int, str]], list[str], str | None]: ...
@@ -102,4 +104,7 @@ def fetch(
     progress: Callable[[int, list[tuple[int, int]]], object] | None = None,
     progress_interval: float = 0.1,
     report: Callable[[_News], object] | None = None,
+    min_rate: float = 0.0,
+    rate_window: float = 20.0,
+    stall_retries: int | None = None,
 ) -> _FetchStats: ...

@@ -26,6 +26,7 @@ from agent.engines.base import BlobJob, Limits, Part
 from agent.errors import DiskFullError
 from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
+from agent.settings import Deadlines
 
 DISK_MARGIN = 64 << 20
 
@@ -99,11 +100,12 @@ def usable_cores() -> int:
         return psutil.cpu_count(logical=True) or 2
 
 
-def size_limits(concurrency: int | None = None) -> Limits:
+def size_limits(concurrency: int | None = None, deadlines: Deadlines | None = None) -> Limits:
     """Connections sized to the machine: 4 per core, 8 to 64. Loopback or a fat NIC both want several
     streams in flight; memory is bounded by chunk size x streams, not by part size."""
     cores = usable_cores()
-    return Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
+    limits = Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
+    return limits.with_deadlines(deadlines) if deadlines is not None else limits
 
 
 def choose_part_size(size: int, sidecar: Sidecar | None) -> int:

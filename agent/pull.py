@@ -341,7 +341,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output) -> PullR
     store = open_reader(settings)
     cache = RepoCache(settings.hub_cache, opts.repo_id)
     engine = pick_engine(opts.engine, settings)
-    limits = size_limits(opts.concurrency)
+    limits = size_limits(opts.concurrency, settings.deadlines)
     result = PullResult("minio", engine.name, opts.repo_id, opts.revision, verified=opts.verify)
     snap = RemoteRepo(store, opts.repo_id).load(opts.revision)  # 1. list + manifest
     result.commit = snap.commit

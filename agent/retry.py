@@ -1,7 +1,7 @@
 """The one retry policy of the Python side: full-jitter exponential backoff that honours Retry-After.
 
 Full jitter spreads hundreds of pods that hit `503 SlowDown` at once over the whole window instead of
-letting them retry in lock-step.
+letting them retry in lock-step; a `Retry-After` is a floor, spread over as much again for the same reason.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import random
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None,
                   rng: random.Random | None = None) -> float:
     """Seconds to wait before retry number `attempt` (0-based)."""
-    delay = (rng or random).uniform(0, min(cap, base * (2**attempt)))
+    source = rng or random
+    delay = source.uniform(0, min(cap, base * (2**attempt)))
     if retry_after is not None:
-        delay = max(delay, min(cap, retry_after))
+        # At least what the server asked, spread over as much again: pods that got the same 503 at once
+        # would otherwise all come back together exactly `retry_after` later.
+        delay = max(delay, min(cap, retry_after * (1 + source.random())))
     return delay
 
 

@@ -22,9 +22,6 @@ from agent.errors import AgentError, ConfigError, CredentialsError, NotFoundErro
 from agent.retry import backoff_delay, parse_retry_after
 from agent.settings import Settings
 
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 30.0
-ATTEMPTS = 4
 METADATA_LIMIT = 64 << 20
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -69,10 +66,13 @@ def require_credentials(settings: Settings) -> None:
 
 
 class _Retry(Exception):
-    def __init__(self, error: AgentError, retry_after: float | None = None) -> None:
+    """A failure worth another try; `stalled`: no usable answer (those get only `stall_retries`)."""
+
+    def __init__(self, error: AgentError, retry_after: float | None = None, *, stalled: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
+        self.stalled = stalled
 
 
 class NativeReader:
@@ -81,6 +81,7 @@ class NativeReader:
     def __init__(self, settings: Settings, native: ModuleType) -> None:
         require_credentials(settings)
         self.native = native
+        self.deadlines = settings.deadlines
         self.bucket = settings.bucket
         self.target = {"endpoint": settings.require_storage(), "region": settings.region,
                        "bucket": settings.bucket, "access_key": settings.access_key,
@@ -127,28 +128,36 @@ class NativeReader:
         return self._get_all([(url, what)], limit)[0]
 
     def _get_all(self, requests: list[tuple[str, str]], limit: int) -> list[bytes]:
-        """GET (url, what) pairs at once in the native extension; a retryable failure is asked again,
-        with backoff, for the requests that had one."""
+        """GET (url, what) pairs at once in the native extension, under the pull's deadlines. A request
+        that got no usable answer is retried `stall_retries` times, any other transient failure
+        `retries` times (as every engine does), with backoff, for the requests that had one."""
         bodies: dict[int, bytes] = {}
         pending = list(range(len(requests)))
-        for attempt in range(ATTEMPTS):
-            urls = [requests[i][0] for i in pending]
-            answers = self.native.get_small(urls, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                                            limit=limit)
+        stalls = dict.fromkeys(pending, 0)
+        d = self.deadlines
+        for attempt in range(d.retries + 1):
+            answers = self.native.get_small([requests[i][0] for i in pending], connect_timeout=d.connect,
+                                            read_timeout=d.first_byte, min_rate=d.min_rate,
+                                            rate_window=d.rate_window, limit=limit)
             again: list[int] = []
             waits: list[float] = []
             for i, answer in zip(pending, answers, strict=True):
                 try:
                     bodies[i] = _judge(answer, requests[i][1])
                 except _Retry as retry:
-                    if attempt == ATTEMPTS - 1:
+                    stalls[i] += retry.stalled
+                    if stalls[i] > d.stall_retries:
+                        tries = d.stall_retries + 1
+                        raise StorageUnavailableError(f"{retry.error} on {tries} tries in a row: the object "
+                                                      "storage stalled") from None
+                    if attempt == d.retries:
                         raise retry.error from None
                     again.append(i)
                     waits.append(retry.retry_after or 0.0)
             if not again:
                 break
             pending = again
-            time.sleep(backoff_delay(attempt, 0.2, 2.0, max(waits) or None))
+            time.sleep(backoff_delay(attempt, 0.2, 10.0, max(waits) or None))
         return [bodies[i] for i in range(len(requests))]
 
 
@@ -158,8 +167,8 @@ def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: 
     if error == "too large":
         raise ConfigError(f"{what}: too large for metadata")
     if error is not None:
-        raise _Retry(StorageUnavailableError(f"{what}: cannot connect to the object storage endpoint "
-                                             f"({error[:200]})"))
+        kind, _, why = error.partition(": ")
+        raise _Retry(StorageUnavailableError(f"{what}: {why[:200]}"), stalled=kind == "stalled")
     if status == 200:
         _check_etag(body, etag, what)
         return body

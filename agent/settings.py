@@ -17,6 +17,7 @@ DEFAULT_BUCKET = "simswarm"
 MODELS_PREFIX = "models/hf-cache/"
 SIM_DATA_PREFIX = "sim-data/"
 DEFAULT_REGION = "us-east-1"
+KIB = 1 << 10
 
 
 def _is_true(value: str | None) -> bool:
@@ -26,6 +27,62 @@ def _is_true(value: str | None) -> bool:
 def _clean(value: str | None) -> str | None:
     value = (value or "").strip()
     return value or None
+
+
+def _as_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = False) -> float:
+    value = _clean(env.get(name))
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} is not a number: {value!r}") from None
+    if not number >= 0 or number == float("inf") or (positive and number == 0):  # also refuses NaN
+        raise ConfigError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long any request may take, the one definition every engine and metadata request obeys.
+
+    Sized for a pod next to its object store, where a healthy stream moves tens of MB/s: a connect takes
+    milliseconds, an overloaded MinIO answers `503 SlowDown` within its own 10 s request deadline, and a
+    stream below 64 KiB/s for 20 s is broken, not slow. A request that runs into one of these limits, or
+    cannot connect at all, is aborted and retried at most `stall_retries` times (an answer asking to
+    retry, such as 503, gets `retries`), so a server that is down fails at once, one that accepts
+    connections and never answers costs about
+    (stall_retries + 1) x first_byte seconds and one that trickles (stall_retries + 1) x rate_window.
+    `retries` is generous on purpose: a 503 is the server asking a crowd of pods to slow down, and
+    ten jittered backoffs (0.2 s doubling to a 10 s cap, Retry-After honoured) ride out a storm of
+    half a minute or more before the pull gives up and falls back.
+    """
+
+    connect: float = 5.0  # TCP (and TLS) connect
+    first_byte: float = 10.0  # from sending a request to its response head; also the longest silence
+    min_rate: float = 64 * KIB  # bytes/s a body must average over each window; 0 turns the rule off
+    rate_window: float = 20.0  # seconds over which `min_rate` is judged
+    stall_retries: int = 1  # retries of a request with no usable answer: down, timed out, slow, bad bytes
+    retries: int = 10  # retries of any other transient failure: 503 SlowDown, 5xx, a reset, a short body
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_byte", "rate_window"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"deadline {name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.min_rate < 0 or self.stall_retries < 0 or self.retries < 0:
+            raise ConfigError("the minimum rate and the retries must be >= 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Deadlines:
+        base = cls()
+        return cls(
+            connect=_as_float(env, "SIMSWARM_CONNECT_TIMEOUT", base.connect, positive=True),
+            first_byte=_as_float(env, "SIMSWARM_FIRST_BYTE_TIMEOUT", base.first_byte, positive=True),
+            min_rate=_as_float(env, "SIMSWARM_MIN_RATE_KIB", base.min_rate / KIB) * KIB,
+            rate_window=_as_float(env, "SIMSWARM_RATE_WINDOW", base.rate_window, positive=True),
+            stall_retries=int(_as_float(env, "SIMSWARM_STALL_RETRIES", base.stall_retries)),
+            retries=int(_as_float(env, "SIMSWARM_RETRIES", base.retries)),
+        )
 
 
 def normalize_endpoint(endpoint: str, secure: bool) -> str:
@@ -76,6 +133,7 @@ class Settings:
     hf_token: str | None = field(repr=False)
     hf_endpoint: str | None
     region: str = DEFAULT_REGION
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +153,7 @@ class Settings:
             hf_token=_clean(env.get("HF_TOKEN")),
             hf_endpoint=_clean(env.get("HF_ENDPOINT")),
             region=_clean(env.get("MINIO_REGION")) or DEFAULT_REGION,
+            deadlines=Deadlines.from_env(env),
         )
 
     @property

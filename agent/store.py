@@ -35,6 +35,7 @@ from agent.redact import SIGNING_LOGGERS, RedactSignatures, redact_signing_logs,
 from agent.retry import backoff_delay
 from agent.s3read import ObjectInfo, require_credentials
 from agent.settings import Settings
+from agent.transport import DeadlineSender
 
 __all__ = ["SIGNING_LOGGERS", "ObjectInfo", "RedactSignatures", "Store", "redact_signing_logs", "redact_url",
            "require_credentials", "scrub_queries", "translate"]
@@ -54,16 +55,17 @@ CONFIG_CODES = {"RequestTimeTooSkewed": "the pod's clock is off by minutes: fix 
                 "InvalidBucketName": "check MINIO_BUCKET"}
 
 
-def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) -> S3Client:
+def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None = None) -> S3Client:
     endpoint = settings.require_storage()
     require_credentials(settings)
     redact_signing_logs()
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
-        retries={"max_attempts": retries, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=30,
+        retries={"total_max_attempts": 1 + (settings.deadlines.retries if retries is None else retries),
+                 "mode": "standard"},
+        connect_timeout=settings.deadlines.connect,
+        read_timeout=30,  # botocore's own sending is left to uploads; metadata goes via DeadlineSender
         max_pool_connections=max_pool,
     )
     client: S3Client = boto3.session.Session().client(
@@ -74,6 +76,7 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int = 3) ->
         region_name=settings.region,
         config=config,
     )
+    DeadlineSender.install(client, endpoint, settings.deadlines, maxsize=max_pool)
     return client
 
 

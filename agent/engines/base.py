@@ -21,9 +21,13 @@ What engines differ in is said by their class attributes, so the orchestration a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
+
+from agent.settings import Deadlines
+
+_D = Deadlines()
 
 
 @dataclass(frozen=True)
@@ -54,14 +58,23 @@ class BlobJob:
 
 @dataclass(frozen=True)
 class Limits:
-    """Transfer limits, sized to the machine by `agent.plan.size_limits`."""
+    """Transfer limits, sized to the machine by `agent.plan.size_limits`; the deadlines come from
+    `agent.settings.Deadlines` (`read_timeout` is its first-byte deadline, also the longest silence)."""
 
     concurrency: int = 8
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    connect_timeout: float = _D.connect
+    read_timeout: float = _D.first_byte
     max_retries: int = 5
     backoff_base: float = 0.2
     backoff_max: float = 10.0
+    min_rate: float = _D.min_rate  # bytes/s over each `rate_window`; 0: off
+    rate_window: float = _D.rate_window
+    stall_retries: int = _D.stall_retries  # retries of a part that got no usable answer
+
+    def with_deadlines(self, deadlines: Deadlines) -> Limits:
+        return replace(self, connect_timeout=deadlines.connect, read_timeout=deadlines.first_byte,
+                       min_rate=deadlines.min_rate, rate_window=deadlines.rate_window,
+                       stall_retries=deadlines.stall_retries, max_retries=deadlines.retries)
 
 
 ProgressFn = Callable[[int], None]  # bytes newly written since the last call

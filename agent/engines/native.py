@@ -97,6 +97,9 @@ class NativeEngine:
                 progress=report,
                 progress_interval=self.progress_interval,
                 report=_news_handler(jobs, hooks) if hooks else None,
+                min_rate=limits.min_rate,
+                rate_window=limits.rate_window,
+                stall_retries=limits.stall_retries,
             )
         except (native.FetchError, RuntimeError, ValueError, OverflowError) as exc:
             raise translate(exc) from None

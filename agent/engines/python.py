@@ -37,6 +37,7 @@ from agent.errors import (
 )
 from agent.redact import scrub_queries
 from agent.retry import backoff_delay, parse_retry_after
+from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for
 
 CHUNK = 1 << 20
 # Errors of the pod's own disk and limits, as opposed to a socket's (reset, refused, timed out).
@@ -50,6 +51,10 @@ class _Retryable(Exception):
     def __init__(self, why: str, retry_after: float | None = None) -> None:
         super().__init__(why)
         self.retry_after = retry_after
+
+
+class _BadDigest(_Retryable):
+    """The part's bytes are not the sidecar's: no usable answer, retried like a stall."""
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,11 @@ def _init_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _pool(limits: Limits) -> urllib3.PoolManager:
+def _pool(url: str, limits: Limits) -> urllib3.PoolManager:
+    """One pool per worker (every URL of a pull names the same server), direct or via the env's proxy."""
     global _POOL
     if _POOL is None:
-        timeout = urllib3.Timeout(connect=limits.connect_timeout, read=limits.read_timeout)
-        _POOL = urllib3.PoolManager(num_pools=4, maxsize=4, timeout=timeout, retries=False)
+        _POOL = pool_for(url, connect=limits.connect_timeout, first_byte=limits.read_timeout)
     return _POOL
 
 
@@ -118,15 +123,16 @@ def _stream_part(task: PartTask, fd: int) -> None:
     written = part.kept
     if written == part.length:
         if digest is not None and digest.hexdigest() != part.sha256:
-            raise _Retryable("part digest mismatch")
+            raise _BadDigest("part digest mismatch")
         return
     end = part.offset + part.length - 1
-    response = _pool(task.limits).request(
+    response = _pool(task.url, task.limits).request(
         "GET", task.url, headers={"Range": f"bytes={part.offset + written}-{end}"}, preload_content=False)
     reusable = False
     try:
         pos = _body_start(response, task)
-        for chunk in response.stream(CHUNK, decode_content=False):  # the stored bytes, byte for byte
+        pace = Pace(task.limits.min_rate, task.limits.rate_window)
+        for chunk in paced_chunks(response, pace, CHUNK):  # the stored bytes, byte for byte
             if pos < part.offset + written:  # a 200 for the whole object: skip to our range
                 skip = min(len(chunk), part.offset + written - pos)
                 chunk, pos = chunk[skip:], pos + skip
@@ -142,7 +148,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
         if written != part.length:
             raise _Retryable(f"short body: {written} of {part.length} bytes")
         if digest is not None and digest.hexdigest() != part.sha256:
-            raise _Retryable("part digest mismatch")
+            raise _BadDigest("part digest mismatch")
         reusable = pos == part.offset + part.length and response.status == 206
     finally:
         # Only a fully read 206 leaves the connection clean for the next request; otherwise drop it.
@@ -154,13 +160,17 @@ def _stream_part(task: PartTask, fd: int) -> None:
 def fetch_part(task: PartTask) -> int:
     """Runs in a worker: fetch one part with retries; returns the number of retries it needed."""
     fd = os.open(task.path, os.O_RDWR)
+    stalls = 0
     try:
         for attempt in range(task.limits.max_retries + 1):
             try:
                 _stream_part(task, fd)
                 return attempt
-            except (_Retryable, urllib3.exceptions.HTTPError, OSError) as exc:
-                if attempt == task.limits.max_retries:
+            except (_Retryable, TooSlow, urllib3.exceptions.HTTPError, OSError) as exc:
+                # no usable answer (nobody there, too slow, wrong bytes): only `stall_retries`; 503s and
+                # resets get more
+                stalls += is_stall(exc) or isinstance(exc, _BadDigest)
+                if attempt == task.limits.max_retries or stalls > task.limits.stall_retries:
                     raise _final_error(task, exc) from None
                 # Kept bytes are trusted for one try only: a failed part is fetched whole next time.
                 task = replace(task, part=replace(task.part, kept=0))
@@ -174,7 +184,7 @@ def fetch_part(task: PartTask) -> int:
 
 def _final_error(task: PartTask, exc: Exception) -> AgentError:
     where = f"{os.path.basename(task.path)} bytes {task.part.offset}+{task.part.length}"
-    if isinstance(exc, _Retryable) and "digest" in str(exc):
+    if isinstance(exc, _BadDigest):
         return VerificationError(f"{where}: part digest mismatch after retries")
     # urllib3 names the request path with its query (MaxRetryError: "... with url: /b/k?X-Amz-..."), with
     # or without a scheme: strip every query string, not only those of full URLs.

@@ -49,6 +49,7 @@ from agent.errors import (
 )
 from agent.redact import scrub_queries
 from agent.settings import Settings
+from agent.transport import Pace, TooSlow
 
 MIB = 1 << 20
 LARGE_OBJECT = 64 * MIB  # objects above this get several concurrent ranged GETs each
@@ -98,6 +99,13 @@ def split_concurrency(concurrency: int, jobs: Sequence[BlobJob]) -> tuple[int, i
 def stall_seconds(limits: Limits) -> float:
     """No byte landing for this long means a stalled server (s5cmd itself never times a read out)."""
     return STALL_READ_TIMEOUTS * limits.read_timeout
+
+
+def pace_for(limits: Limits) -> Pace:
+    """The minimum-rate rule on everything s5cmd lands together. s5cmd has no timeout or rate flag of its
+    own and retries inside itself, unseen: its run is judged as a whole, over a window no shorter than
+    the silence it is allowed, and a run that falls below the rate is stopped (no part to retry alone)."""
+    return Pace(limits.min_rate, max(limits.rate_window, stall_seconds(limits)))
 
 
 def part_size_mib(size: int, per_object: int) -> int:
@@ -211,11 +219,12 @@ class _Tracker:
         self.total = {os.path.abspath(j.temp_path): sum(p.length for p in j.parts) for j in jobs}
         self.reported = dict.fromkeys(self.total, 0)
         self.pending = {os.path.abspath(j.temp_path): j for j in jobs}
+        self.landed = 0  # bytes reported so far, completed objects included
 
-    def poll(self) -> bool:
-        """Report the growth of s5cmd's temporary files; True when any grew. One listing per folder and
-        one pass over it per poll, whatever the number of pending jobs (a model may have 20,000)."""
-        grew = False
+    def poll(self) -> int:
+        """Report the growth of s5cmd's temporary files; the bytes they grew by. One listing per folder
+        and one pass over it per poll, whatever the number of pending jobs (a model may have 20,000)."""
+        grew = 0
         temporaries: dict[str, list[Path]] = {}  # pending destination -> s5cmd's files for it
         for folder in {job.temp_path.parent for job in self.pending.values()}:
             with contextlib.suppress(FileNotFoundError):
@@ -226,7 +235,7 @@ class _Tracker:
                         temporaries.setdefault(dest, []).append(folder / name)
         for dest, files in temporaries.items():
             landed = sum(_allocated(p) for p in files)
-            grew = self._advance(dest, min(landed, self.total[dest])) or grew
+            grew += self._advance(dest, min(landed, self.total[dest]))
         return grew
 
     def complete(self, dest: str) -> BlobJob | None:
@@ -235,12 +244,13 @@ class _Tracker:
             self._advance(dest, self.total[dest])
         return job
 
-    def _advance(self, dest: str, upto: int) -> bool:
+    def _advance(self, dest: str, upto: int) -> int:
         delta = upto - self.reported[dest]
         if delta > 0:
             self.reported[dest] = upto
+            self.landed += delta
             self.progress(delta)
-        return delta > 0
+        return max(0, delta)
 
 
 class S5cmdEngine:
@@ -308,7 +318,7 @@ class S5cmdEngine:
         reader.start()
         try:
             assert proc.stdout is not None
-            for dest in _completed(proc.stdout, tracker, stall_seconds(limits)):
+            for dest in _completed(proc.stdout, tracker, stall_seconds(limits), pace_for(limits)):
                 job = tracker.complete(dest)
                 if job is not None:
                     for part in job.parts:
@@ -327,14 +337,16 @@ class S5cmdEngine:
                     leftover.unlink(missing_ok=True)
 
 
-def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float) -> Iterator[str]:
+def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float, pace: Pace) -> Iterator[str]:
     """The destinations s5cmd reports done, as they come; the tracker is polled while output is quiet.
 
     s5cmd has no read timeout: when neither a file completes nor a temporary file grows for
-    `stall_seconds`, the server is taken for stalled and the run fails (the caller stops the child)."""
+    `stall_seconds`, or the bytes landing fall below `pace`, the server is taken for stalled and the run
+    fails (the caller stops the child)."""
     fd = stdout.fileno()
     buffered = b""
     last_activity = time.monotonic()
+    judged = 0  # tracker.landed when the pace last saw it
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
         while True:
@@ -348,11 +360,17 @@ def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float) -> It
                     if dest is not None:
                         last_activity = time.monotonic()
                         yield dest
-            if tracker.poll():
+            grew = tracker.poll()
+            if grew:
                 last_activity = time.monotonic()
             elif time.monotonic() - last_activity > stall_seconds:
                 raise StorageUnavailableError(
                     f"s5cmd made no progress for {stall_seconds:.0f}s: the object storage stalled")
+            try:
+                pace.add(tracker.landed - judged)
+                judged = tracker.landed
+            except TooSlow as exc:
+                raise StorageUnavailableError(f"s5cmd too slow ({exc}): the object storage stalled") from None
     dest = completed_destination(buffered)
     if dest is not None:
         yield dest

@@ -10,9 +10,11 @@ pub fn delay(attempt: u32, base: Duration, max: Duration) -> Duration {
     Duration::from_secs_f64(ceiling * unit_random())
 }
 
-/// A `Retry-After` the server asked for, never longer than the configured maximum.
+/// A `Retry-After` the server asked for, spread over as much again (uniform in `[ra, 2 ra)`), never
+/// longer than the configured maximum. Waiting exactly `ra` would bring every pod that got the same
+/// 503 back in the same instant; the spread keeps "at least what the server asked".
 pub fn honour(retry_after: Duration, max: Duration) -> Duration {
-    retry_after.min(max)
+    retry_after.mul_f64(1.0 + unit_random()).min(max)
 }
 
 /// A number in `[0, 1)`. Jitter needs no cryptographic quality: splitmix64 over a global counter
@@ -59,7 +61,13 @@ mod tests {
     #[test]
     fn retry_after_is_capped() {
         let max = Duration::from_secs(2);
-        assert_eq!(honour(Duration::from_secs(1), max), Duration::from_secs(1));
+        let waits: Vec<Duration> = (0..50)
+            .map(|_| honour(Duration::from_secs(1), max))
+            .collect();
+        assert!(waits
+            .iter()
+            .all(|w| *w >= Duration::from_secs(1) && *w < Duration::from_secs(2)));
+        assert!(waits.iter().any(|w| *w != waits[0])); // spread, not lock-step
         assert_eq!(honour(Duration::from_secs(60), max), max);
     }
 }

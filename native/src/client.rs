@@ -3,7 +3,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::header::RANGE;
+use hyper::header::{PROXY_AUTHORIZATION, RANGE};
 use hyper::Request;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -11,9 +11,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::ClientConfig;
 
+use crate::proxy::{forward_auth, ProxyConnector};
 use crate::spec::{Job, Options};
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<ProxyConnector>, Empty<Bytes>>;
 
 pub fn build(options: &Options) -> HttpClient {
     let mut http = HttpConnector::new();
@@ -24,7 +25,7 @@ pub fn build(options: &Options) -> HttpClient {
         .with_tls_config(tls_config().as_ref().clone())
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(ProxyConnector::from_env(http));
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(options.concurrency)
         .build(connector)
@@ -36,6 +37,9 @@ pub fn range_request(job: &Job, start: u64, end: u64) -> Request<Empty<Bytes>> {
     *request.uri_mut() = job.uri.clone();
     let headers = request.headers_mut();
     headers.extend(job.headers.clone());
+    if let Some(auth) = forward_auth(&job.uri) {
+        headers.insert(PROXY_AUTHORIZATION, auth);
+    }
     let range = format!("bytes={start}-{end}");
     headers.insert(
         RANGE,

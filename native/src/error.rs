@@ -57,8 +57,14 @@ pub fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[derive(Debug)]
 pub enum Cause {
     Status(u16),
-    Digest { expected: String, actual: String },
+    Digest {
+        expected: String,
+        actual: String,
+    },
     Transport(String),
+    /// No usable answer: the connection failed or timed out, no response head in time, a silence, or
+    /// a body below the minimum rate. These get `stall_retries`, not `max_retries`.
+    Unanswered(String),
     File(std::io::Error),
 }
 
@@ -69,7 +75,7 @@ impl fmt::Display for Cause {
             Cause::Digest { expected, actual } => {
                 write!(f, "sha256 {actual} does not match the expected {expected}")
             }
-            Cause::Transport(text) => f.write_str(text),
+            Cause::Transport(text) | Cause::Unanswered(text) => f.write_str(text),
             Cause::File(err) => write!(f, "local write failed: {err}"),
         }
     }
@@ -94,7 +100,7 @@ impl Failure {
         let err = match &self.cause {
             Cause::Status(_) => HttpStatusError::new_err(message),
             Cause::Digest { .. } => DigestMismatchError::new_err(message),
-            Cause::Transport(_) => TransferError::new_err(message),
+            Cause::Transport(_) | Cause::Unanswered(_) => TransferError::new_err(message),
             Cause::File(_) => FileWriteError::new_err(message),
         };
         // Attributes are best effort: a failure here must not hide the transfer error itself.
@@ -134,7 +140,7 @@ impl Failure {
                 value.setattr("actual", actual)
             }
             Cause::File(err) => value.setattr("errno", err.raw_os_error()),
-            Cause::Transport(_) => Ok(()),
+            Cause::Transport(_) | Cause::Unanswered(_) => Ok(()),
         }
     }
 }

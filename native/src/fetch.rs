@@ -34,13 +34,18 @@ use crate::transfer::{self, Shared, Totals};
 /// the other jobs carry on.
 ///
 /// `concurrency` bounds the ranged GETs in flight across all jobs. `read_timeout` is the longest wait
-/// for the next body bytes (and, after `connect_timeout`, for the response head). A part is retried on
+/// for the next body bytes, and for the response head from the request's start (a new connection's
+/// `connect_timeout` included, never less than it). A part is retried on
 /// a broken or stalled connection, a short body, a digest mismatch, 408/429/5xx (`Retry-After` honoured
 /// up to `backoff_max`), otherwise after a full-jitter backoff; other statuses fail at once.
+/// A body averaging under `min_rate` bytes/s over any `rate_window` seconds is dropped and retried, as
+/// is a silence of `read_timeout`; such stalls get `stall_retries` retries (default: `max_retries`).
+/// `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` are honoured as curl reads them.
 #[pyfunction]
 #[pyo3(signature = (
     jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0, max_retries = 5,
     backoff_base = 0.2, backoff_max = 10.0, progress = None, progress_interval = 0.1, report = None,
+    min_rate = 0.0, rate_window = 20.0, stall_retries = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn fetch(
@@ -55,6 +60,9 @@ pub fn fetch(
     progress: Option<PyObject>,
     progress_interval: f64,
     report: Option<PyObject>,
+    min_rate: f64,
+    rate_window: f64,
+    stall_retries: Option<u32>,
 ) -> PyResult<Py<PyDict>> {
     let options = Options::new(
         concurrency,
@@ -64,7 +72,8 @@ pub fn fetch(
         backoff_base,
         backoff_max,
         progress_interval,
-    )?;
+    )?
+    .with_deadlines(min_rate, rate_window, stall_retries.unwrap_or(max_retries))?;
     let jobs = jobs
         .into_iter()
         .map(JobArg::into_job)

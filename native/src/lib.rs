@@ -7,9 +7,11 @@ use pyo3::prelude::*;
 
 mod backoff;
 mod client;
+mod deadline;
 mod error;
 mod fetch;
 mod part;
+mod proxy;
 mod response;
 mod s3;
 mod small;

@@ -13,6 +13,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::backoff;
 use crate::client::range_request;
+use crate::deadline::{is_unreachable, Pace, Stalls};
 use crate::error::{Attempt, Cause, Failure};
 use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
@@ -96,13 +97,14 @@ pub async fn fetch_part(
 async fn retry_part(target: &Target<'_>, state: &mut PartState) -> Result<(), Box<Failure>> {
     let options = &target.shared.options;
     let mut attempt = 0u32;
+    let mut stalls = Stalls::new(options);
     loop {
         let (cause, after) = match try_once(target, state).await {
             Ok(()) => return Ok(()),
             Err(Attempt::Fatal(cause)) => return Err(target.failure(cause, attempt)),
             Err(Attempt::Retry { cause, after }) => (cause, after),
         };
-        if attempt >= options.max_retries {
+        if attempt >= options.max_retries || stalls.exhausted(&cause) {
             return Err(target.failure(cause, attempt));
         }
         let wait = match after {
@@ -194,12 +196,15 @@ async fn request_range(
     start: u64,
     end: u64,
 ) -> Result<(u64, Incoming), Attempt> {
-    let wait = shared.options.connect_timeout + shared.options.read_timeout;
+    let wait = shared
+        .options
+        .read_timeout
+        .max(shared.options.connect_timeout);
     let request = shared.client.request(range_request(job, start, end));
     let response = timeout(wait, request)
         .await
-        .map_err(|_| transport(format!("no response within {}", seconds(wait))))?
-        .map_err(|e| transport(describe(&e)))?;
+        .map_err(|_| stalled(format!("no response within {}", seconds(wait))))?
+        .map_err(|e| network(&e))?;
     let (head, body) = response.into_parts();
     let skip = body_skip(&head, start, end)?;
     Ok((skip, body))
@@ -215,9 +220,13 @@ async fn stream_to_file(
 ) -> Result<(), Attempt> {
     let (shared, part) = (target.shared, target.part);
     let read_timeout = shared.options.read_timeout;
+    let mut pace = Pace::new(&shared.options);
     while state.received < part.length {
-        let frame = match timeout(read_timeout, body.frame()).await {
-            Err(_) => return Err(transport(format!("no data for {}", seconds(read_timeout)))),
+        let frame = match timeout(pace.wait(), body.frame()).await {
+            Err(_) => {
+                pace.idle().map_err(Attempt::retry)?;
+                continue;
+            }
             Ok(None) => {
                 let got = state.received;
                 return Err(transport(format!(
@@ -247,6 +256,7 @@ async fn stream_to_file(
         }
         state.received += take as u64;
         target.written(state.received, at, chunk);
+        pace.record(take as u64).map_err(Attempt::retry)?;
         if state.received > state.counted {
             shared.count_bytes(state.received - state.counted);
             state.counted = state.received;
@@ -297,6 +307,18 @@ fn failure(
 
 fn transport(text: String) -> Attempt {
     Attempt::retry(Cause::Transport(text))
+}
+
+fn stalled(text: String) -> Attempt {
+    Attempt::retry(Cause::Unanswered(text))
+}
+
+/// A request that failed before its head: a failed or timed-out connect counts as no answer.
+fn network(err: &hyper_util::client::legacy::Error) -> Attempt {
+    match is_unreachable(err) {
+        true => stalled(describe(err)),
+        false => transport(describe(err)),
+    }
 }
 
 /// An error and its chain of causes on one line ("client error (Connect): tcp connect error: ...").

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::header::{CONTENT_LENGTH, ETAG, RETRY_AFTER};
 use hyper::{Request, Uri};
 use pyo3::exceptions::PyRuntimeError;
@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use crate::client::{self, HttpClient};
+use crate::deadline::{is_unreachable, Pace};
 use crate::error::redact;
 use crate::part::describe;
 use crate::spec::Options;
@@ -23,19 +24,27 @@ use crate::spec::Options;
 /// The error text of an answer over `limit` (Python refuses it as metadata, without a retry).
 const TOO_LARGE: &str = "too large";
 
-/// One answer: `(status, etag, retry_after, body, error)`; `status` 0 and `error` set when no answer
-/// came (connection refused, timeout, broken body, over `limit`).
+/// One answer: `(status, etag, retry_after, body, error)`; `status` 0 and `error` set when no usable
+/// answer came. `error` starts with `stalled:` when the server did not answer in time, was out of reach,
+/// or sent its body below the minimum rate (retried `stall_retries` times by the caller), with
+/// `failed:` for a broken connection or body (retried like a 503), and is `too large` over `limit`.
 type Answer = (u16, Option<String>, Option<String>, Vec<u8>, Option<String>);
 
-/// GET every URL at once; answers in the order of `urls`. Signals are checked every 0.1 s, so
+/// GET every URL at once, with the same deadlines as a ranged GET (connect, first byte, silence,
+/// minimum rate over a window); answers in the order of `urls`. Signals are checked every 0.1 s, so
 /// SIGTERM stops a pull waiting on a silent server.
 #[pyfunction]
-#[pyo3(signature = (urls, *, connect_timeout = 5.0, read_timeout = 30.0, limit = 67108864))]
+#[pyo3(signature = (
+    urls, *, connect_timeout = 5.0, read_timeout = 30.0, min_rate = 0.0, rate_window = 20.0,
+    limit = 67108864,
+))]
 pub fn get_small(
     py: Python<'_>,
     urls: Vec<String>,
     connect_timeout: f64,
     read_timeout: f64,
+    min_rate: f64,
+    rate_window: f64,
     limit: usize,
 ) -> PyResult<Vec<PyObject>> {
     let options = Options::new(
@@ -46,18 +55,18 @@ pub fn get_small(
         0.0,
         0.0,
         0.1,
-    )?;
+    )?
+    .with_deadlines(min_rate, rate_window, 0)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start the runtime: {e}")))?;
     let client = client::build(&options);
-    let wait = options.connect_timeout + options.read_timeout;
     let mut tasks = JoinSet::new();
     for (i, url) in urls.into_iter().enumerate() {
-        let client = client.clone();
+        let (client, options) = (client.clone(), options.clone());
         tasks.spawn_on(
-            async move { (i, get_one(&client, &url, wait, limit).await) },
+            async move { (i, get_one(&client, &url, &options, limit).await) },
             runtime.handle(),
         );
     }
@@ -82,43 +91,82 @@ pub fn get_small(
         .collect())
 }
 
-async fn get_one(client: &HttpClient, url: &str, wait: Duration, limit: usize) -> Answer {
-    let failed = |why: String| (0, None, None, Vec::new(), Some(redact(&why)));
+fn failed(kind: &str, why: &str) -> Answer {
+    (
+        0,
+        None,
+        None,
+        Vec::new(),
+        Some(format!("{kind}: {}", redact(why))),
+    )
+}
+
+async fn get_one(client: &HttpClient, url: &str, options: &Options, limit: usize) -> Answer {
     let Ok(uri) = url.parse::<Uri>() else {
-        return failed("not a valid URL".into());
+        return failed("failed", "not a valid URL");
     };
     let mut request = Request::new(Empty::<Bytes>::new());
     *request.uri_mut() = uri;
-    let response = match timeout(wait, client.request(request)).await {
-        Err(_) => return failed(format!("no response within {:.1} s", wait.as_secs_f64())),
-        Ok(Err(e)) => return failed(describe(&e)),
+    let head_wait = options.read_timeout.max(options.connect_timeout);
+    let response = match timeout(head_wait, client.request(request)).await {
+        Err(_) => {
+            let why = format!(
+                "no answer within the first-byte deadline ({:.1} s)",
+                head_wait.as_secs_f64()
+            );
+            return failed("stalled", &why);
+        }
+        Ok(Err(e)) if is_unreachable(&e) => {
+            let why = format!(
+                "cannot connect to the object storage endpoint ({})",
+                describe(&e)
+            );
+            return failed("stalled", &why);
+        }
+        Ok(Err(e)) => return failed("failed", &describe(&e)),
         Ok(Ok(response)) => response,
     };
-    let (head, body) = response.into_parts();
+    let (head, mut body) = response.into_parts();
     let header = |name| {
         head.headers
             .get(name)
             .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
             .map(str::to_owned)
     };
-    let (etag, retry) = (header(ETAG), header(RETRY_AFTER));
-    let declared = header(CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return failed(TOO_LARGE.into());
+    if header(CONTENT_LENGTH)
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return (0, None, None, Vec::new(), Some(TOO_LARGE.into()));
     }
-    match timeout(wait, Limited::new(body, limit).collect()).await {
-        Err(_) => failed(format!(
-            "body not complete within {:.1} s",
-            wait.as_secs_f64()
-        )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => failed(TOO_LARGE.into()),
-        Ok(Err(e)) => failed(format!("body: {e}")),
-        Ok(Ok(collected)) => (
-            head.status.as_u16(),
-            etag,
-            retry,
-            collected.to_bytes().to_vec(),
-            None,
-        ),
+    let mut data = Vec::new();
+    let mut pace = Pace::new(options);
+    loop {
+        let frame = match timeout(pace.wait(), body.frame()).await {
+            Err(_) => match pace.idle() {
+                Ok(()) => continue,
+                Err(cause) => return failed("stalled", &cause.to_string()),
+            },
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return failed("failed", &format!("body: {}", describe(&e))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        if data.len() + chunk.len() > limit {
+            return (0, None, None, Vec::new(), Some(TOO_LARGE.into()));
+        }
+        data.extend_from_slice(&chunk);
+        if let Err(cause) = pace.record(chunk.len() as u64) {
+            return failed("stalled", &cause.to_string());
+        }
     }
+    (
+        head.status.as_u16(),
+        header(ETAG),
+        header(RETRY_AFTER),
+        data,
+        None,
+    )
 }

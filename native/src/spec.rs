@@ -89,6 +89,11 @@ pub struct Options {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub progress_interval: Duration,
+    /// Bytes/s a body must average over each `rate_window` (0: no rule); see `deadline.rs`.
+    pub min_rate: f64,
+    pub rate_window: Duration,
+    /// Retries of a part whose attempts timed out or ran below the minimum rate.
+    pub stall_retries: u32,
 }
 
 impl Options {
@@ -113,7 +118,28 @@ impl Options {
             backoff_base: seconds("backoff_base", backoff_base, true)?,
             backoff_max: seconds("backoff_max", backoff_max, true)?,
             progress_interval: seconds("progress_interval", progress_interval, false)?,
+            min_rate: 0.0,
+            rate_window: Duration::from_secs(20),
+            stall_retries: max_retries,
         })
+    }
+
+    /// The minimum-rate rule and the retries left to a part that keeps timing out.
+    pub fn with_deadlines(
+        mut self,
+        min_rate: f64,
+        rate_window: f64,
+        stall_retries: u32,
+    ) -> PyResult<Self> {
+        if !(min_rate.is_finite() && min_rate >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "min_rate must be a number of bytes/s >= 0, got {min_rate}"
+            )));
+        }
+        self.min_rate = min_rate;
+        self.rate_window = seconds("rate_window", rate_window, false)?;
+        self.stall_retries = stall_retries;
+        Ok(self)
     }
 }
 

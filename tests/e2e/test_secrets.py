@@ -155,7 +155,7 @@ def test_a_pull_that_fails_on_every_blob_get_leaks_nothing_even_with_tracebacks(
     with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
         proxy.add_fault("reset", count=10_000, match="/blobs/")
         run = leaks.run("pull", staged, "--engine", engine, "--concurrency", "2", "--no-fallback",
-                        env={"MINIO_ENDPOINT": proxy.endpoint_url})
+                        env={"MINIO_ENDPOINT": proxy.endpoint_url, "SIMSWARM_RETRIES": "2"})
     assert run.code == 3, run.stderr[-2000:]
     assert "Traceback" in run.stderr  # --debug: the error paths' tracebacks were shown, and checked
     assert json.loads(run.stderr.strip().splitlines()[-1])["event"] == "error"

@@ -75,7 +75,7 @@ def quiet() -> Output:
 
 @pytest.fixture(autouse=True)
 def fast_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None: FAST)
+    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None, deadlines=None: FAST)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_presigned_urls_that_expire_mid_pull_fail_cleanly(
         engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(agent.pull, "URL_EXPIRY", 1)
-    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None: Limits(
+    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None, deadlines=None: Limits(
         concurrency=2, read_timeout=5.0, max_retries=2, backoff_base=0.05, backoff_max=0.5))
     settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")
     proxy.add_fault("stall_head", count=1, match="/blobs/", stall_seconds=2.0)

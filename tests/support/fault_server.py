@@ -18,7 +18,13 @@ SigV4 signs the Host header. Two ways to address the proxy, chosen by `preserve_
 - `True`: the client signs against the proxy itself (boto3 or s5cmd with `endpoint_url=proxy.endpoint_url`);
   the proxy forwards the client's Host unchanged.
 
-Responses are read whole from the upstream before being sent on: meant for test-sized objects.
+It also acts as a forward proxy (HTTP_PROXY=proxy.endpoint_url): a request in absolute form
+(`GET http://any-host:port/path`) goes to the same upstream with its Host unchanged, and is logged with
+`absolute=True`, so a test can prove a client sent its bytes through a proxy. Any host name works,
+including one that does not resolve, which no client could reach without the proxy.
+
+A response the proxy breaks is read whole from the upstream first (test-sized objects); one it leaves
+alone is relayed as it streams, so the proxy can also carry a benchmark's gigabytes.
 The log never holds a query string (presigned URLs carry their signature there).
 """
 
@@ -43,6 +49,7 @@ FaultKind = Literal[
     "truncate",      # send the headers and half the body, then close cleanly (short body)
     "stall",         # send the headers and half the body, wait `stall_seconds`, then the rest
     "stall_head",    # wait `stall_seconds` before answering at all, then answer normally
+    "trickle",       # send the headers, then the body one byte every `stall_seconds` (a dying link)
     "flip",          # flip every bit of the body's middle byte (same length, wrong bytes)
     "slowdown",      # answer 503 SlowDown with Retry-After: 1, without asking the upstream
     "error500",      # answer 500 InternalError, without asking the upstream
@@ -72,6 +79,9 @@ class Request:
     fault: str | None  # the fault applied, if any
     connection: int  # client connection number: equal numbers mean a kept-alive connection was reused
     body_bytes: int = 0  # response body bytes sent to the client
+    absolute: bool = False  # sent in absolute form, as to a forward proxy
+    host: str = ""  # the Host the client asked for
+    size: int = 0  # body bytes the proxy answered with (before any fault cut them short)
 
 
 Matcher = Callable[[str, str, "str | None"], bool]  # (method, path, range) -> applies?
@@ -291,6 +301,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             self.owner._leave()
 
     def _serve_one(self) -> None:
+        self.absolute = self.path.startswith("http://")
+        if self.absolute:  # a forward-proxy request: the upstream gets the origin form
+            rest = self.path[len("http://"):]
+            self.path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
         path = self.path.split("?", 1)[0]
         range_ = self.headers.get("Range")
         rule = self.owner._take_rule(self.command, path, range_)
@@ -309,13 +323,17 @@ class _FaultHandler(BaseHTTPRequestHandler):
                 record(0)  # now, so a test can see the request while it hangs
                 if self.owner._stopping.wait(stall):
                     return
+            if kind is None:
+                self._relay(request_body, record)
+                return
             upstream = self._forward(request_body, drop_range=kind == "full_200")
             self._answer(upstream, kind, stall, None if kind == "stall_head" else record)
 
     def _record_as(self, path: str, range_: str | None, kind: str | None) -> Callable[..., None]:
-        def record(status: int, body_bytes: int = 0) -> None:
+        def record(status: int, size: int = 0, body_bytes: int | None = None) -> None:
+            sent = size if body_bytes is None else body_bytes
             self.owner._record(Request(self.command, path, range_, status, kind, self.connection_number,
-                                       body_bytes))
+                                       sent, self.absolute, self.headers.get("Host", ""), size))
         return record
 
     def _read_request_body(self) -> bytes:
@@ -323,6 +341,39 @@ class _FaultHandler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _forward(self, body: bytes, *, drop_range: bool) -> _Upstream:
+        conn = self._send_upstream(body, drop_range=drop_range)
+        try:
+            response = conn.getresponse()
+            data = response.read()
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
+            return _Upstream(response.status, response.reason, headers, data)
+        finally:
+            conn.close()
+
+    def _relay(self, body: bytes, record: Callable[..., None]) -> None:
+        """Pass the upstream's answer through unchanged, streaming a body of known length."""
+        conn = self._send_upstream(body, drop_range=False)
+        try:
+            response = conn.getresponse()
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
+            length = response.getheader("Content-Length")
+            if length is None or self.command == "HEAD":
+                self._answer(_Upstream(response.status, response.reason, headers, response.read()),
+                             None, 0.0, record)
+                return
+            record(response.status, int(length))
+            self.send_response_only(response.status, response.reason)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            while chunk := response.read(1 << 20):
+                if not self._send(chunk):
+                    return
+        finally:
+            conn.close()
+
+    def _send_upstream(self, body: bytes, *, drop_range: bool) -> http.client.HTTPConnection:
         owner = self.owner
         conn = http.client.HTTPConnection(owner.upstream_host, owner.upstream_port,
                                           timeout=owner.upstream_timeout)
@@ -338,12 +389,10 @@ class _FaultHandler(BaseHTTPRequestHandler):
             if body or self.command in ("PUT", "POST"):
                 conn.putheader("Content-Length", str(len(body)))
             conn.endheaders(body or None)
-            response = conn.getresponse()
-            data = response.read()
-            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
-            return _Upstream(response.status, response.reason, headers, data)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return conn
 
     def _answer(self, upstream: _Upstream, kind: str | None, stall: float,
                 record: Callable[..., None] | None) -> None:
@@ -357,7 +406,8 @@ class _FaultHandler(BaseHTTPRequestHandler):
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
         if record is not None:
             cut = kind in ("reset", "truncate")
-            record(status, 0 if self.command == "HEAD" else len(body) // 2 if cut else len(body))
+            size = 0 if self.command == "HEAD" else len(body)
+            record(status, size, size // 2 if cut else size)
         self.send_response_only(status, upstream.reason)
         for name, value in upstream.headers:
             self.send_header(name, value)
@@ -366,6 +416,12 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         half = len(body) // 2
+        if kind == "trickle":
+            for i in range(len(body)):
+                if self.owner._stopping.wait(stall) or not self._send(body[i:i + 1]):
+                    self.close_connection = True
+                    return
+            return
         if kind in ("reset", "truncate", "stall"):
             self._send(body[:half])
             if kind == "reset":
@@ -393,12 +449,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self._send(body)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> bool:
         try:
             self.wfile.write(data)
             self.wfile.flush()
         except OSError:  # the client gave up (its read timeout, or it was cancelled)
             self.close_connection = True
+            return False
+        return True
 
     def _reset(self) -> None:
         """Close with SO_LINGER 0: the kernel sends RST, the client sees 'connection reset by peer'."""
