@@ -226,13 +226,15 @@ class _Tracker:
         and one pass over it per poll, whatever the number of pending jobs (a model may have 20,000)."""
         grew = 0
         temporaries: dict[str, list[Path]] = {}  # pending destination -> s5cmd's files for it
-        for folder in {job.temp_path.parent for job in self.pending.values()}:
+        folders: dict[Path, dict[str, str]] = {}  # folder -> {file name: pending destination}
+        for dest, job in self.pending.items():
+            folders.setdefault(job.temp_path.parent, {})[job.temp_path.name] = dest
+        for folder, names in folders.items():
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(folder):
                     base = name.rstrip("0123456789")
-                    dest = os.path.abspath(folder / base)
-                    if base != name and dest in self.pending:
-                        temporaries.setdefault(dest, []).append(folder / name)
+                    if base != name and base in names:
+                        temporaries.setdefault(names[base], []).append(folder / name)
         for dest, files in temporaries.items():
             landed = sum(_allocated(p) for p in files)
             grew += self._advance(dest, min(landed, self.total[dest]))
@@ -346,6 +348,7 @@ def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float, pace:
     fd = stdout.fileno()
     buffered = b""
     last_activity = time.monotonic()
+    last_poll = 0.0
     judged = 0  # tracker.landed when the pace last saw it
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
@@ -360,6 +363,9 @@ def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float, pace:
                     if dest is not None:
                         last_activity = time.monotonic()
                         yield dest
+            if time.monotonic() - last_poll < POLL_SECONDS:
+                continue  # output comes a line per object: scanning the folder after each costs O(n^2)
+            last_poll = time.monotonic()
             grew = tracker.poll()
             if grew:
                 last_activity = time.monotonic()
