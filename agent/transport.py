@@ -4,7 +4,7 @@ Two jobs, used by the python engine's ranged GETs and by the metadata requests (
 manifest and sidecar GETs) that boto3 signs:
 
 - **Proxies.** `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY`, either case, read the way
-  boto3 and requests read them (`urllib.request.getproxies`, `proxy_bypass_environment`), so a pod can
+  boto3 and requests read them (`urllib.request.getproxies`, `proxy_bypass`), so a pod can
   pull through a node-local caching proxy or Dragonfly's dfdaemon. Loopback is proxied like any host
   unless NO_PROXY lists it (as curl does; Go programs such as s5cmd never proxy loopback).
 - **Deadlines** (`agent.settings.Deadlines`). urllib3 bounds the connect and each socket read, but a
@@ -65,9 +65,9 @@ def proxy_for(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
-def timeout_for(deadlines_connect: float, first_byte: float) -> urllib3.Timeout:
+def timeout_for(connect: float, first_byte: float) -> urllib3.Timeout:
     """Connect within `connect`; the head, and every later read, within `first_byte`."""
-    return urllib3.Timeout(connect=min(deadlines_connect, first_byte), read=first_byte)
+    return urllib3.Timeout(connect=min(connect, first_byte), read=first_byte)
 
 
 def pool_for(url: str, *, connect: float, first_byte: float, maxsize: int = 4) -> urllib3.PoolManager:

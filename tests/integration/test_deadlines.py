@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def run_pull(proxy: FaultProxy, s3_server: SeaweedServer, bucket: str, repo_id: 
         argv.append("--no-fallback")
     else:
         env["HF_ENDPOINT"] = fallback.endpoint
+    started = time.monotonic()
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=limit, check=False)
+    print(f"\n{engine}: exit {done.returncode} after {time.monotonic() - started:.1f} s (limit {limit} s)")
     report = home / "report.json"
     return done, json.loads(report.read_text()) if report.exists() else None
 
@@ -129,7 +132,7 @@ def test_a_blob_sent_one_byte_every_2s_ends_in_exit_3(
     proxy.add_fault("trickle", count=10_000, match=blob_get)
     done, _ = run_pull(proxy, s3_server, staged, model_repo[0], engine, tmp_path, TRICKLE_LIMIT)
     message = assert_exit_3_one_line(done)
-    print(f"\ntrickled blob ({engine}): {message[:200]}")
+    print(f"\ntrickled blob ({engine}): {message}")
     assert proxy.count(fault="trickle") >= 1
 
 
