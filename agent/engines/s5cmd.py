@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import IO
@@ -192,16 +192,26 @@ def completed_destination(line: bytes) -> str | None:
     return None
 
 
-def s5cmd_temporaries(job: BlobJob, names: Sequence[str] | None = None) -> list[Path]:
-    """s5cmd's own temporary files for `job`: `<temp_path name><digits>` in the same folder."""
-    base = job.temp_path.name
-    if names is None:
-        try:
-            names = os.listdir(job.temp_path.parent)
-        except FileNotFoundError:
-            return []
-    return [job.temp_path.parent / n for n in names
-            if n.startswith(base) and n != base and n[len(base):].isdigit()]
+def temporaries_by_job(jobs: Iterable[BlobJob]) -> dict[Path, list[Path]]:
+    """s5cmd's temporary files of each job's `temp_path`: one listing and one pass per folder, so
+    20,000 jobs cost 20,000 lookups, not 20,000 scans of the folder."""
+    wanted: dict[Path, set[str]] = {}
+    for job in jobs:
+        wanted.setdefault(job.temp_path.parent, set()).add(job.temp_path.name)
+    found: dict[Path, list[Path]] = {}
+    for folder, names in wanted.items():
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                base = name.rstrip("0123456789")
+                if base != name and base in names:
+                    found.setdefault(folder / base, []).append(folder / name)
+    return found
+
+
+def remove_temporaries(jobs: Sequence[BlobJob]) -> None:
+    for files in temporaries_by_job(jobs).values():
+        for leftover in files:
+            leftover.unlink(missing_ok=True)
 
 
 def _allocated(path: Path) -> int:
@@ -225,17 +235,8 @@ class _Tracker:
         """Report the growth of s5cmd's temporary files; the bytes they grew by. One listing per folder
         and one pass over it per poll, whatever the number of pending jobs (a model may have 20,000)."""
         grew = 0
-        temporaries: dict[str, list[Path]] = {}  # pending destination -> s5cmd's files for it
-        folders: dict[Path, dict[str, str]] = {}  # folder -> {file name: pending destination}
-        for dest, job in self.pending.items():
-            folders.setdefault(job.temp_path.parent, {})[job.temp_path.name] = dest
-        for folder, names in folders.items():
-            with contextlib.suppress(FileNotFoundError):
-                for name in os.listdir(folder):
-                    base = name.rstrip("0123456789")
-                    if base != name and base in names:
-                        temporaries.setdefault(names[base], []).append(folder / name)
-        for dest, files in temporaries.items():
+        for temp_path, files in temporaries_by_job(self.pending.values()).items():
+            dest = os.path.abspath(temp_path)
             landed = sum(_allocated(p) for p in files)
             grew += self._advance(dest, min(landed, self.total[dest]))
         return grew
@@ -334,9 +335,7 @@ class S5cmdEngine:
             _stop(proc)
             reader.join(timeout=STOP_GRACE_SECONDS)
             _close_pipes(proc, reader)
-            for job in jobs:
-                for leftover in s5cmd_temporaries(job):
-                    leftover.unlink(missing_ok=True)
+            remove_temporaries(jobs)
 
 
 def _completed(stdout: IO[bytes], tracker: _Tracker, stall_seconds: float, pace: Pace) -> Iterator[str]:
