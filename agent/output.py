@@ -52,48 +52,46 @@ class Output:
 
 
 class Progress:
-    """A byte counter drawn as a bar (bytes, rate, ETA) on a terminal, and sampled into JSON otherwise."""
+    """A byte counter: tqdm's bar on a terminal (the bar huggingface_hub users know), a `progress` JSON
+    line every few seconds otherwise, and nothing when quiet. tqdm is imported only for the bar, so the
+    JSON-lines path (a pod's log) pays nothing for it."""
 
-    def __init__(self, out: Output, total: int, label: str = "pull", interval: float = 0.2) -> None:
+    def __init__(self, out: Output, total: int, label: str = "pull", interval: float = 5.0) -> None:
         self.out = out
         self.total = total
-        self.label = label
         self.done = 0
         self.started = time.monotonic()
-        self.interval = interval if out.interactive else 5.0
-        self._last_draw = self.started  # first draw after one interval, when the rate means something
+        self.interval = interval
+        self._last_event = self.started  # first JSON sample after one interval, when the rate means something
+        self._bar: Any = None
+        if out.interactive and total:
+            from tqdm import tqdm
+
+            # No ETA before tqdm has a rate to go on; smoothing keeps it from swinging with each chunk.
+            self._bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                             file=out.stream, dynamic_ncols=True, mininterval=0.2, smoothing=0.1,
+                             leave=True)
 
     def __call__(self, delta: int) -> None:
         self.done += delta
-        now = time.monotonic()
-        if now - self._last_draw >= self.interval:
-            self._last_draw = now
-            self._draw(now)
+        if self._bar is not None:
+            self._bar.update(delta)
+            return
+        if self.out.json_mode:
+            now = time.monotonic()
+            if now - self._last_event >= self.interval:
+                self._last_event = now
+                self.out.event("progress", "progress", bytes=self.done, total=self.total,
+                               bytes_per_second=int(self.rate(now)))
 
     def rate(self, now: float | None = None) -> float:
         elapsed = (now or time.monotonic()) - self.started
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def _draw(self, now: float) -> None:
-        rate = self.rate(now)
-        if self.out.interactive:
-            frac = self.done / self.total if self.total else 1.0
-            bar = "#" * int(frac * 30)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            self.out.stream.write(
-                f"\r{self.label} [{bar:<30}] {human_bytes(self.done)}/{human_bytes(self.total)} "
-                f"{human_bytes(int(rate))}/s ETA {eta:4.0f}s "
-            )
-            self.out.stream.flush()
-        elif self.out.json_mode:
-            self.out.event("progress", "progress", bytes=self.done, total=self.total,
-                           bytes_per_second=int(rate))
-
     def close(self) -> None:
-        if self.out.interactive and self.total:
-            self._draw(time.monotonic())
-            self.out.stream.write("\n")
-            self.out.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class Spinner:
