@@ -29,9 +29,10 @@ from agent.errors import (
     VerificationError,
     as_agent_error,
 )
+from agent.lock import cache_lock, reading_lock
 from agent.manifest import DEFAULT_PART_SIZE, Manifest, parse_manifest
 from agent.output import Output, human_bytes
-from agent.pull import PullOptions, PullResult, cache_lock, pull_from_store, reading_lock
+from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.ready import cache_writable
 from agent.selection import Choice, Selection, choose
 from agent.settings import Settings

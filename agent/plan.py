@@ -1,4 +1,4 @@
-"""From the manifest and what is already valid on disk to the byte ranges still to fetch.
+"""Step 4 of a pull: from the manifest and what is already valid on disk to the byte ranges still to fetch.
 
 A partial blob lives in `blobs/<name>.simswarm.part` with a checkpoint `blobs/<name>.simswarm.json`:
 `{"size": N, "have": [[start, end], ...]}`, the byte ranges known to be on disk (written, not yet
@@ -14,18 +14,17 @@ is checked exactly like a fetched one. Without a sidecar the whole-blob hash dec
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent.cache import RepoCache, atomic_write
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import Limits, Part
 from agent.errors import DiskFullError
 from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
+from agent.remote import StagedSnapshot
 from agent.settings import Deadlines
 
 DISK_MARGIN = 64 << 20
@@ -182,29 +181,16 @@ def check_disk(cache: RepoCache, plan: Plan) -> None:
                             f"(+{human_bytes(DISK_MARGIN)} margin), {human_bytes(free)} free")
 
 
-def preallocate(path: Path, size: int) -> None:
-    """Create the partial file at full size so parts can be written at their offsets; fallocate makes a
-    full disk fail here, before any transfer, rather than mid-write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
-        if size and hasattr(os, "posix_fallocate"):
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise DiskFullError(f"no space for {path.name} ({human_bytes(size)})") from None
-                # Filesystems without fallocate (some overlays) still work with the sparse file.
-    finally:
-        os.close(fd)
-
-
-def blob_jobs(cache: RepoCache, plan: Plan, urls: dict[str, str], keys: dict[str, str]) -> list[BlobJob]:
-    jobs = []
-    for blob in plan.to_fetch:
-        path = cache.part_path(blob.name)
-        preallocate(path, blob.entry.size)
-        jobs.append(BlobJob(blob.name, keys[blob.name], urls[blob.name], blob.entry.size, path,
-                            tuple(blob.missing)))
-    return jobs
+def make_plan(cache: RepoCache, snap: StagedSnapshot, valid: set[str], *, check_parts: bool,
+              resume: bool = True) -> Plan:
+    """Every blob of the snapshot either present (valid on disk: its partial, if any, dropped) or to
+    fetch, with the parts it still misses. `resume`: keep checkpointed bytes (the engine can)."""
+    plan = Plan()
+    for name, entry in snap.manifest.blobs().items():
+        if name in valid:
+            plan.present.append(name)
+            discard_partial(cache, name)
+        else:
+            plan.to_fetch.append(plan_blob(cache, name, entry, snap.sidecar, check_parts=check_parts,
+                                           resume=resume))
+    return plan

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import agent.fetch
 import agent.pull
 from agent.cache import BLOB_RE, RepoCache
 from agent.engines.base import Limits
@@ -274,7 +275,7 @@ def test_wrong_credentials_or_bucket_fail_with_exit_2(
 def test_presigned_urls_that_expire_mid_pull_fail_cleanly(
         engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(agent.pull, "URL_EXPIRY", 1)
+    monkeypatch.setattr(agent.fetch, "URL_EXPIRY", 1)
     monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None, deadlines=None: Limits(
         concurrency=2, read_timeout=5.0, max_retries=2, backoff_base=0.05, backoff_max=0.5))
     settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")

@@ -27,8 +27,9 @@ from agent.engines import s5cmd as s5cmd_module
 from agent.engines.base import BlobJob, Limits, Part
 from agent.engines.s5cmd import S5cmdEngine, classify, command_line, scrub
 from agent.errors import CredentialsError, NotFoundError, StorageUnavailableError
+from agent.finish import Finisher
 from agent.output import Output
-from agent.pull import Finisher, PullOptions, pull_from_store
+from agent.pull import PullOptions, pull_from_store
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store

@@ -17,8 +17,8 @@ import pytest
 from agent.cache import PART_SUFFIX, RepoCache
 from agent.clean import clean_stale
 from agent.engines.base import Limits
-from agent.engines.native import NativeEngine
 from agent.errors import DiskFullError
+from agent.fetch import preallocate
 from agent.manifest import (
     DEFAULT_PART_SIZE,
     FileEntry,
@@ -34,12 +34,11 @@ from agent.plan import (
     Plan,
     check_disk,
     choose_part_size,
+    make_plan,
     plan_blob,
-    preallocate,
     read_part_state,
     write_part_state,
 )
-from agent.pull import make_plan
 from agent.remote import StagedSnapshot
 from agent.verify import audit_cache
 
@@ -185,7 +184,7 @@ def test_only_a_sidecar_bound_to_the_blob_identity_proves_a_blob_by_its_parts() 
 def test_make_plan_fetches_only_what_is_not_valid_and_drops_their_partials(cache: RepoCache) -> None:
     write_partial(cache, WEIGHTS[:PART], have=[(0, PART)])
     snap = StagedSnapshot("org/model", COMMIT, MANIFEST, {}, SIDECAR)
-    plan = make_plan(cache, snap, {W.blob_name, C.blob_name}, NativeEngine(), check_parts=True)
+    plan = make_plan(cache, snap, {W.blob_name, C.blob_name}, check_parts=True)
     assert sorted(plan.present) == sorted([W.blob_name, C.blob_name])
     assert [b.name for b in plan.to_fetch] == [P.blob_name]
     assert not cache.part_path(W.blob_name).exists()  # a valid blob needs no partial
@@ -199,7 +198,7 @@ Usage = namedtuple("Usage", "total used free")
 def test_disk_check_refuses_with_exit_5_and_counts_preallocated_bytes(
         cache: RepoCache, monkeypatch: pytest.MonkeyPatch) -> None:
     snap = StagedSnapshot("org/model", COMMIT, MANIFEST, {}, SIDECAR)
-    plan = make_plan(cache, snap, set(), NativeEngine(), check_parts=True)
+    plan = make_plan(cache, snap, set(), check_parts=True)
     need = MANIFEST.total_size
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(1 << 40, 0, need + DISK_MARGIN - 1))
     with pytest.raises(DiskFullError) as info:
