@@ -1,6 +1,6 @@
 """Step 5 of a pull: the planned blobs fetched by an engine, verified as they land, and repaired.
 
-A transfer signs one GET URL per blob, preallocates each partial file (so a full disk fails before any
+A transfer signs one GET URL per blob (for an engine that reads URLs), preallocates each partial file (so a full disk fails before any
 byte moves), and hands the engine its jobs; a `Finisher` checks every blob and names it. A blob that failed
 its check is fetched again: by agreeing reads when it has no part digests and the engine can report the
 digest of every part it reads, else once from scratch. What still fails ends the pull with exit 4.
@@ -74,7 +74,9 @@ class Fetch:
     def transfer(self, plan: Plan, policy: CheckPolicy, on_digest: DigestFn | None = None) -> dict[str, str]:
         """Fetch and check every planned blob; returns the blobs that failed their check."""
         keys = {b.name: self.snap.sources[b.name] for b in plan.to_fetch}
-        urls = {name: self.reader.presign(key, expires=URL_EXPIRY) for name, key in keys.items()}
+        # A URL is signed only for an engine that reads it: each is a credential for six hours.
+        urls = {name: self.reader.presign(key, expires=URL_EXPIRY) if self.engine.reads_urls else ""
+                for name, key in keys.items()}
         self.cache.ensure_dirs()
         finisher = Finisher(self.cache, plan, self.engine, policy)
         jobs = [finisher.job(j) for j in blob_jobs(self.cache, plan, urls, keys)]

@@ -1,13 +1,21 @@
-"""What every engine receives and must do: fetch byte ranges of objects into temporary files.
+"""What an engine is: it fills the partial files of a pull with the bytes of their objects.
 
-The orchestration (`agent.pull`) plans which parts of which blobs are still missing, signs one GET URL per
-blob, preallocates each temporary file, and hands the engine a list of `BlobJob`s. The engine writes each
-part at its offset, checks the part's sha256 when the sidecar gives one (re-reading the part's `kept`
-leading bytes, already on disk, into that check), and reports every finished part through `on_part_done`
-so a later run can resume. It never renames a file: the final name belongs to the orchestration, the
-same whichever engine fetched the bytes.
+The orchestration (`agent.pull`, `agent.fetch`) plans which parts of which blobs are still missing,
+preallocates each partial file (`BlobJob.temp_path`), and hands the engine a list of `BlobJob`s. The
+engine puts every missing part's bytes into that file, checks the part's sha256 when the sidecar gives
+one (re-reading the part's `kept` leading bytes, already on disk, into that check), and reports every
+finished part through `on_part_done` so a later run can resume. It never gives a blob its final name:
+that belongs to the orchestration (`agent.finish`), whichever engine fetched the bytes. Every engine is
+built the same way, `from_settings(settings)`, and says whether it can run here with `available()`.
 
 What engines differ in is said by their class attributes, so the orchestration asks instead of guessing:
+- `reads_urls`: the engine fetches each job's presigned `url` and needs no credentials (native, python).
+  The s5cmd engine does not: it reads `job.key` from the bucket with the credentials of the settings it
+  was built from, so no URL is signed for it (`url` is empty);
+- `writes_in_place`: parts are written at their offsets into the preallocated file (native, python).
+  The s5cmd engine instead truncates it (the disk must not hold each blob twice), lets s5cmd write the
+  whole object beside it, and renames that over `temp_path`, which thus holds either the preallocated
+  file or the complete object;
 - `checks_parts`: part digests are checked as the bytes arrive (native, python; s5cmd fetches whole
   objects with no part digests, so the orchestration hashes its blobs whole);
 - `hashes_blobs`: the engine computes a job's `whole` digest itself, in the stream, and reports the
@@ -25,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from agent.settings import Deadlines
+from agent.settings import Deadlines, Settings
 
 _D = Deadlines()
 
@@ -48,7 +56,7 @@ class BlobJob:
 
     blob_name: str
     key: str
-    url: str  # presigned GET: a credential, never logged
+    url: str  # presigned GET: a credential, never logged; empty for an engine that does not read URLs
     size: int
     temp_path: Path
     parts: tuple[Part, ...]
@@ -92,10 +100,22 @@ class TransferHooks:
 
 class Engine(Protocol):
     name: str
+    reads_urls: bool
+    writes_in_place: bool
     checks_parts: bool
     hashes_blobs: bool
     records_digests: bool
     resumes_in_parts: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None) -> Engine:
+        """The engine for a pull with these settings (only an engine that reads keys itself uses them)."""
+        ...
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the engine can run here (its extension loads, its binary is on PATH)."""
+        ...
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:

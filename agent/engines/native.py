@@ -29,6 +29,7 @@ from agent.errors import (
     error_for_errno,
 )
 from agent.redact import scrub_queries
+from agent.settings import Settings
 
 if TYPE_CHECKING:
     from agent._native import FetchError
@@ -51,6 +52,8 @@ def _extension() -> ModuleType | None:
 
 class NativeEngine:
     name = "native"
+    reads_urls = True
+    writes_in_place = True
     checks_parts = True
     hashes_blobs = True
     records_digests = True
@@ -59,6 +62,10 @@ class NativeEngine:
     def __init__(self, progress_interval: float = PROGRESS_INTERVAL) -> None:
         self.progress_interval = progress_interval
         self.stats: FetchStats | None = None  # of the last fetch: bytes, retries, parts
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None) -> NativeEngine:
+        return cls()  # presigned URLs carry all it needs
 
     @classmethod
     def available(cls) -> bool:

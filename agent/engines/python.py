@@ -37,6 +37,7 @@ from agent.errors import (
 )
 from agent.redact import scrub_queries
 from agent.retry import backoff_delay, parse_retry_after
+from agent.settings import Settings
 from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for
 
 CHUNK = 1 << 20
@@ -200,6 +201,8 @@ def _final_error(task: PartTask, exc: Exception) -> AgentError:
 
 class PythonEngine:
     name = "python"
+    reads_urls = True
+    writes_in_place = True
     checks_parts = True
     hashes_blobs = False
     records_digests = False
@@ -208,6 +211,14 @@ class PythonEngine:
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes
         self.retries = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None) -> PythonEngine:
+        return cls()  # presigned URLs carry all it needs
+
+    @classmethod
+    def available(cls) -> bool:
+        return True  # pure Python: always
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:

@@ -258,6 +258,8 @@ class _Tracker:
 
 class S5cmdEngine:
     name = "s5cmd"
+    reads_urls = False  # s5cmd signs its own requests: it reads keys, with the settings' credentials
+    writes_in_place = False  # whole objects, written beside temp_path and renamed over it
     checks_parts = False  # whole objects, no part digests: the orchestration hashes each blob whole
     hashes_blobs = False
     records_digests = False
@@ -268,6 +270,10 @@ class S5cmdEngine:
         self.executable = executable
         self.retries = 0
         self.last_argv: list[str] = []  # what the last fetch ran: never holds a secret (tests check)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None) -> S5cmdEngine:
+        return cls(settings)
 
     @classmethod
     def available(cls) -> bool:
