@@ -1,9 +1,10 @@
 """Step 5 of a pull: the planned blobs fetched by an engine, verified as they land, and repaired.
 
-A transfer signs one GET URL per blob (for an engine that reads URLs), preallocates each partial file (so a full disk fails before any
-byte moves), and hands the engine its jobs; a `Finisher` checks every blob and names it. A blob that failed
-its check is fetched again: by agreeing reads when it has no part digests and the engine can report the
-digest of every part it reads, else once from scratch. What still fails ends the pull with exit 4.
+A transfer signs one GET URL per blob (for an engine that reads URLs), preallocates each partial file
+(so a full disk fails before any byte moves), and hands the engine its jobs; a `Finisher` checks every
+blob and names it. A blob that failed its check is fetched again: by agreeing reads when it has no part
+digests and the engine can report the digest of every part it reads, else once from scratch. What still
+fails ends the pull with exit 4.
 """
 
 from __future__ import annotations
