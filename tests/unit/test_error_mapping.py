@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 
 import agent
 from agent import cli
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.python import PartTask, PythonEngine, _final_error, _Retryable
 from agent.engines.s5cmd import S5cmdEngine, classify
 from agent.errors import (
@@ -40,6 +40,7 @@ from agent.errors import (
     StorageUnavailableError,
     as_agent_error,
 )
+from agent.policy import RetryPolicy
 from agent.settings import Settings
 from agent.store import translate as store_translate
 
@@ -172,7 +173,8 @@ PYTHON_CASES = [*urllib3_cases(),
 @pytest.mark.parametrize(("name", "exc"), PYTHON_CASES, ids=[c[0] for c in PYTHON_CASES])
 def test_every_python_engine_failure_maps_to_a_documented_code(name: str, exc: Exception,
                                                                tmp_path: Path) -> None:
-    task = PartTask("http://h/b/k?X-Amz-Signature=x", str(tmp_path / "blob"), 10, Part(0, 0, 10), Limits())
+    task = PartTask("http://h/b/k?X-Amz-Signature=x", str(tmp_path / "blob"), 10, Part(0, 0, 10),
+                    TransferConfig())
     error = assert_mapped(_final_error(task, exc))
     if "EMFILE" in name or name == f"OSError {errno.EMFILE}":
         assert isinstance(error, ResourceLimitError) and "ulimit -n" in error.hint
@@ -184,7 +186,8 @@ def test_the_python_engine_maps_a_part_file_it_cannot_open(tmp_path: Path) -> No
     """The worker opens the part file before its retry loop: that OSError used to escape unmapped."""
     job = BlobJob("b" * 40, "k", "http://127.0.0.1:9/b/k", 10, tmp_path / "no" / "part", (Part(0, 0, 10),))
     with pytest.raises(AgentError) as caught:
-        PythonEngine(processes=1).fetch([job], Limits(max_retries=0), lambda n: None, lambda j, p: None)
+        PythonEngine(processes=1).fetch([job], TransferConfig(retry=RetryPolicy(max_retries=0)),
+                                        lambda n: None, lambda j, p: None)
     assert isinstance(assert_mapped(caught.value, code=2), LocalFileError)
 
 
@@ -195,7 +198,7 @@ def test_a_worker_that_dies_is_a_resource_error(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(PythonEngine, "_run", broken)
     job = BlobJob("b" * 40, "k", "http://127.0.0.1:9/b/k", 10, tmp_path / "part", (Part(0, 0, 10),))
     with pytest.raises(ResourceLimitError) as caught:
-        PythonEngine(processes=1).fetch([job], Limits(), lambda n: None, lambda j, p: None)
+        PythonEngine(processes=1).fetch([job], TransferConfig(), lambda n: None, lambda j, p: None)
     assert_mapped(caught.value, code=3)
 
 
@@ -227,7 +230,7 @@ def test_the_s5cmd_engine_maps_a_binary_it_cannot_start(tmp_path: Path) -> None:
                                   "MINIO_SECRET_KEY": "s", "HF_HOME": str(tmp_path)})
     engine = S5cmdEngine(settings, executable=str(tmp_path / "no-s5cmd-here"))
     with pytest.raises(AgentError) as caught:
-        engine.fetch([job], Limits(), lambda n: None, lambda j, p: None)
+        engine.fetch([job], TransferConfig(), lambda n: None, lambda j, p: None)
     assert_mapped(caught.value, code=2)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 import agent
 from agent.engines import pick_engine
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.errors import (
     DiskFullError,
     PermissionDeniedError,
@@ -31,6 +31,8 @@ from agent.errors import (
 
 native = pytest.importorskip("agent._native")
 from agent.engines.native import NativeEngine, translate  # noqa: E402
+from agent.policy import RetryPolicy  # noqa: E402
+from agent.settings import Deadlines  # noqa: E402
 
 SECRET_URL = "http://127.0.0.1:{port}/bucket/key?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -136,7 +138,8 @@ def test_engine_raises_storage_unavailable_when_the_server_is_down(tmp_path: Pat
     path = tmp_path / "f"
     path.write_bytes(b"\0" * 10)
     job = BlobJob("blob", "key", SECRET_URL.format(port=closed_port), 10, path, (Part(0, 0, 10),))
-    limits = Limits(max_retries=1, backoff_base=0.001, backoff_max=0.01, connect_timeout=1.0)
+    limits = TransferConfig(deadlines=Deadlines(connect=1.0),
+                            retry=RetryPolicy(max_retries=1, base=0.001, cap=0.01))
     with pytest.raises(StorageUnavailableError) as caught:
         NativeEngine().fetch([job], limits, lambda n: None, lambda j, p: None)
     assert "deadbeef" not in caught.value.one_line()
