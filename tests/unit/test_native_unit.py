@@ -31,7 +31,7 @@ from agent.errors import (
 
 native = pytest.importorskip("agent._native")
 from agent.engines.native import NativeEngine, translate  # noqa: E402
-from agent.policy import RetryPolicy  # noqa: E402
+from agent.policy import RETRYABLE_STATUSES, RetryPolicy  # noqa: E402
 from agent.settings import Deadlines  # noqa: E402
 
 SECRET_URL = "http://127.0.0.1:{port}/bucket/key?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
@@ -55,6 +55,13 @@ def test_stub_matches_the_compiled_module() -> None:
     result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "agent._native"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rust_failure_policy_is_the_python_one() -> None:
+    """native/src/policy.rs mirrors agent/policy.py: the same retryable statuses, the same defaults."""
+    assert set(native.retryable_statuses()) == RETRYABLE_STATUSES
+    default = RetryPolicy()
+    assert native.retry_defaults() == (default.max_retries, default.base, default.cap)
 
 
 @pytest.mark.parametrize(("parts", "needle"), [
