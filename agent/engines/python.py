@@ -2,8 +2,9 @@
 
 Each worker process keeps one urllib3 pool (kept-alive connections) and fetches whole parts: it streams
 the body in 1 MiB chunks to the part's offset while hashing it, so memory stays at a chunk per worker.
-A part is retried on a connection error, a read timeout (a stalled server), a short body, a digest
-mismatch, 5xx/429 (honouring Retry-After); 403/404 fail at once. Workers ignore SIGINT/SIGTERM: the
+A part is retried by the failure policy (`agent.policy`) on a connection error, a read timeout (a
+stalled server), a short body, a digest mismatch, or a retryable status (honouring Retry-After); any
+other status fails at once, mapped by `error_for_status`. Workers ignore SIGINT/SIGTERM: the
 parent handles the signal and terminates them, so an interrupted pull unwinds in one place.
 """
 
