@@ -24,7 +24,7 @@ import urllib3.exceptions
 from botocore.exceptions import ClientError
 
 import agent
-from agent import cli
+from agent import cli, s3read
 from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.python import PartTask, PythonEngine, _final_error, _Retryable
 from agent.engines.s5cmd import S5cmdEngine, classify
@@ -40,7 +40,7 @@ from agent.errors import (
     StorageUnavailableError,
     as_agent_error,
 )
-from agent.policy import RetryPolicy
+from agent.policy import RetryPolicy, error_for_status, is_retryable
 from agent.settings import Settings
 from agent.store import translate as store_translate
 
@@ -262,6 +262,28 @@ def test_every_botocore_failure_maps_to_a_documented_code(name: str, exc: Except
     error = assert_mapped(store_translate(exc, "listing 'models/'"))
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         assert isinstance(error, CredentialsError) and error.exit_code == 2
+
+
+# -- the failure policy: one map from an HTTP answer to an error, whoever read it ---------------------------
+
+STATUS_CASES = [(status, code) for status in (400, 401, 403, 404, 408, 416, 429, 500, 503)
+                for code in ("", "NoSuchKey", "NoSuchBucket", "AccessDenied", "AuthorizationHeaderMalformed")]
+
+
+@pytest.mark.parametrize(("status", "code"), STATUS_CASES)
+def test_every_reader_maps_an_http_answer_as_the_policy_does(status: int, code: str) -> None:
+    expected = type(assert_mapped(error_for_status(status, "k", code=code)))
+    response: Any = {"Error": {"Code": code or str(status)}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    assert type(store_translate(ClientError(response, "GetObject"), "k")) is expected
+    body = f"<Error><Code>{code}</Code></Error>".encode() if code else b""
+    answer = s3read._status_error(status, body, "1", "k")
+    retried = isinstance(answer, s3read._Retry)
+    assert type(answer.error if isinstance(answer, s3read._Retry) else answer) is expected
+    assert retried == (is_retryable(status) and expected is StorageUnavailableError)
+    if not code:  # the native engine's HttpStatusError carries the status only
+        exc = native.HttpStatusError(NATIVE_MESSAGE.format("boom"))
+        exc.status = status
+        assert type(native_translate(exc)) is expected
 
 
 # -- the command line ---------------------------------------------------------------------------------------

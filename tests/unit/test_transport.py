@@ -9,7 +9,7 @@ import urllib3
 
 from agent.engines.base import TransferConfig
 from agent.errors import ConfigError
-from agent.policy import backoff_delay
+from agent.policy import RetryPolicy, backoff_delay
 from agent.settings import Deadlines, Settings
 from agent.transport import Pace, TooSlow, pool_for, proxy_for
 
@@ -50,6 +50,19 @@ def test_the_limits_of_a_pull_carry_the_deadlines() -> None:
             limits.retry.max_retries) == (1, 2, 3, 4, 5, 6)
     assert (TransferConfig.sized(8).deadlines.first_byte == TransferConfig().deadlines.first_byte
             == Deadlines().first_byte)
+
+
+@pytest.mark.parametrize("bad", [{"max_retries": -1}, {"stall_retries": -1}, {"base": -0.1},
+                                 {"cap": float("nan")}, {"cap": float("inf")}])
+def test_a_retry_policy_out_of_range_is_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match="retry policy"):
+        RetryPolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_a_transfer_config_needs_at_least_one_stream() -> None:
+    with pytest.raises(ConfigError, match="concurrency"):
+        TransferConfig(concurrency=0)
+    assert TransferConfig.sized(None).concurrency >= 8
 
 
 class Clock:
