@@ -42,6 +42,7 @@ from agent.errors import (
 )
 from agent.policy import RetryPolicy, error_for_status, is_retryable
 from agent.settings import Settings
+from agent.store import Store
 from agent.store import translate as store_translate
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -262,6 +263,42 @@ def test_every_botocore_failure_maps_to_a_documented_code(name: str, exc: Except
     error = assert_mapped(store_translate(exc, "listing 'models/'"))
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         assert isinstance(error, CredentialsError) and error.exit_code == 2
+
+
+class OneObject:
+    """A client whose GETs fail as `failures` says, in order (an exception class to raise from the
+    request, or "body" for a body that breaks while read), then answer b"abc"."""
+
+    def __init__(self, *failures: object) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    def get_object(self, **_: object) -> dict[str, Any]:
+        self.calls += 1
+        failure = self.failures.pop(0) if self.failures else None
+        if isinstance(failure, type):
+            raise failure(endpoint_url="http://h")
+
+        class Body:
+            def read(self) -> bytes:
+                if failure == "body":
+                    raise botocore.exceptions.IncompleteReadError(actual_bytes=1, expected_bytes=3)
+                return b"abc"
+
+        return {"ContentLength": 3, "Body": Body()}
+
+
+def test_the_store_sends_no_request_again_that_botocore_gave_up_on() -> None:
+    client = OneObject(botocore.exceptions.EndpointConnectionError)
+    with pytest.raises(StorageUnavailableError):
+        Store(Settings.from_env({}), client=client).get_bytes("k")  # type: ignore[arg-type]
+    assert client.calls == 1  # botocore's retries were the one layer
+
+
+def test_the_store_reads_again_a_body_that_broke() -> None:
+    client = OneObject("body")
+    assert Store(Settings.from_env({}), client=client).get_bytes("k") == b"abc"  # type: ignore[arg-type]
+    assert client.calls == 2
 
 
 # -- the failure policy: one map from an HTTP answer to an error, whoever read it ---------------------------
