@@ -15,6 +15,8 @@ __all__ = [
     "parse_list",
     "presign_get",
     "presign_list",
+    "retry_defaults",
+    "retryable_statuses",
     "version",
 ]
 
@@ -73,6 +75,8 @@ class _Target(TypedDict):
     secret_key: str | None
 
 def version() -> str: ...
+def retryable_statuses() -> list[int]: ...
+def retry_defaults() -> tuple[int, float, float]: ...
 def presign_get(target: _Target, key: str, expires: int) -> str: ...
 def presign_list(
     target: _Target,
@@ -98,9 +102,9 @@ def fetch(
     concurrency: int = 8,
     connect_timeout: float = 5.0,
     read_timeout: float = 30.0,
-    max_retries: int = 5,
-    backoff_base: float = 0.2,
-    backoff_max: float = 10.0,
+    max_retries: int = ...,  # the failure policy's defaults: see retry_defaults()
+    backoff_base: float = ...,
+    backoff_max: float = ...,
     progress: Callable[[int, list[tuple[int, int]]], object] | None = None,
     progress_interval: float = 0.1,
     report: Callable[[_News], object] | None = None,

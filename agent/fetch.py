@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.cache import RepoCache
-from agent.engines.base import BlobJob, Engine, Limits, Part
+from agent.engines.base import BlobJob, Engine, Part, TransferConfig
 from agent.errors import DiskFullError, VerificationError
 from agent.finish import CheckPolicy, Finisher
 from agent.manifest import part_ranges
@@ -39,7 +39,7 @@ class Fetch:
     cache: RepoCache
     snap: StagedSnapshot
     engine: Engine
-    limits: Limits
+    limits: TransferConfig
     out: Output
 
     def verified(self, plan: Plan, *, full: bool, rehash: bool) -> int:

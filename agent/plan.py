@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 
 from agent.cache import RepoCache, atomic_write
-from agent.engines.base import Limits, Part
+from agent.engines.base import Part
 from agent.errors import DiskFullError
 from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Sidecar, part_ranges
 from agent.output import human_bytes
 from agent.remote import StagedSnapshot
-from agent.settings import Deadlines
 
 DISK_MARGIN = 64 << 20
 
@@ -87,24 +85,6 @@ class Plan:
     @property
     def bytes_to_fetch(self) -> int:
         return sum(b.bytes_missing for b in self.to_fetch)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's CPU set), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 2
-    except (AttributeError, OSError):  # not on Linux
-        import psutil
-
-        return psutil.cpu_count(logical=True) or 2
-
-
-def size_limits(concurrency: int | None = None, deadlines: Deadlines | None = None) -> Limits:
-    """Connections sized to the machine: 4 per core, 8 to 64. Loopback or a fat NIC both want several
-    streams in flight; memory is bounded by chunk size x streams, not by part size."""
-    cores = usable_cores()
-    limits = Limits(concurrency=concurrency or max(8, min(64, 4 * cores)))
-    return limits.with_deadlines(deadlines) if deadlines is not None else limits
 
 
 def choose_part_size(size: int, sidecar: Sidecar | None) -> int:

@@ -26,12 +26,12 @@ from pathlib import Path
 from agent.cache import RepoCache, is_commit
 from agent.clean import clean_stale
 from agent.engines import pick_engine
-from agent.engines.base import Engine
+from agent.engines.base import Engine, TransferConfig
 from agent.errors import VerificationError
 from agent.fetch import Fetch
 from agent.lock import cache_lock
 from agent.output import Output, human_bytes
-from agent.plan import Plan, check_disk, make_plan, size_limits
+from agent.plan import Plan, check_disk, make_plan
 from agent.ready import as_is_problem, refuse_read_only
 from agent.remote import RemoteRepo, StagedSnapshot
 from agent.s3read import ObjectReader, open_reader
@@ -49,6 +49,7 @@ class PullOptions:
     rehash: bool = False
     concurrency: int | None = None
     selection: Selection = field(default_factory=Selection)
+    transfer: TransferConfig | None = None  # None: sized to the machine, `concurrency` streams if given
 
     @property
     def full(self) -> bool:
@@ -99,7 +100,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output, *, reade
     started = time.monotonic()
     reader = reader or open_reader(settings)
     engine = engine or pick_engine(opts.engine, settings)
-    limits = size_limits(opts.concurrency, settings.deadlines)
+    limits = opts.transfer or TransferConfig.sized(opts.concurrency, settings.deadlines)
     cache = RepoCache(settings.hub_cache, opts.repo_id)
     result = PullResult("minio", engine.name, opts.repo_id, opts.revision, verified=opts.verify)
     subset = read_snapshot(reader, cache, opts, result, out)  # 1. list + manifest, narrowed

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
 
-from agent.errors import AgentError, ConfigError, CredentialsError, NotFoundError, StorageUnavailableError
-from agent.retry import backoff_delay, parse_retry_after
+from agent.errors import AgentError, ConfigError, CredentialsError, StorageUnavailableError
+from agent.policy import RetryPolicy, error_for_status, is_retryable, parse_retry_after
 from agent.settings import Settings
 
 METADATA_LIMIT = 64 << 20
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
-_CREDENTIAL_CODES = {b"AccessDenied", b"InvalidAccessKeyId", b"SignatureDoesNotMatch", b"InvalidToken"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,7 @@ class NativeReader:
         require_credentials(settings)
         self.native = native
         self.deadlines = settings.deadlines
+        self.retry = RetryPolicy.from_deadlines(settings.deadlines)
         self.bucket = settings.bucket
         self.target = {"endpoint": settings.require_storage(), "region": settings.region,
                        "bucket": settings.bucket, "access_key": settings.access_key,
@@ -130,12 +130,12 @@ class NativeReader:
     def _get_all(self, requests: list[tuple[str, str]], limit: int) -> list[bytes]:
         """GET (url, what) pairs at once in the native extension, under the pull's deadlines. A request
         that got no usable answer is retried `stall_retries` times, any other transient failure
-        `retries` times (as every engine does), with backoff, for the requests that had one."""
+        `max_retries` times (the policy every engine follows), with backoff, for the requests that had one."""
         bodies: dict[int, bytes] = {}
         pending = list(range(len(requests)))
         stalls = dict.fromkeys(pending, 0)
-        d = self.deadlines
-        for attempt in range(d.retries + 1):
+        d, policy = self.deadlines, self.retry
+        for attempt in range(policy.attempts):
             answers = self.native.get_small([requests[i][0] for i in pending], connect_timeout=d.connect,
                                             read_timeout=d.first_byte, min_rate=d.min_rate,
                                             rate_window=d.rate_window, limit=limit)
@@ -146,18 +146,18 @@ class NativeReader:
                     bodies[i] = _judge(answer, requests[i][1])
                 except _Retry as retry:
                     stalls[i] += retry.stalled
-                    if stalls[i] > d.stall_retries:
-                        tries = d.stall_retries + 1
+                    if stalls[i] > policy.stall_retries:
+                        tries = policy.stall_retries + 1
                         raise StorageUnavailableError(f"{retry.error} on {tries} tries in a row: the object "
                                                       "storage stalled") from None
-                    if attempt == d.retries:
+                    if policy.gives_up(attempt):
                         raise retry.error from None
                     again.append(i)
                     waits.append(retry.retry_after or 0.0)
             if not again:
                 break
             pending = again
-            time.sleep(backoff_delay(attempt, 0.2, 10.0, max(waits) or None))
+            time.sleep(policy.delay(attempt, retry_after=max(waits) or None))
         return [bodies[i] for i in range(len(requests))]
 
 
@@ -185,18 +185,11 @@ def _check_etag(body: bytes, etag: str | None, what: str) -> None:
 
 
 def _status_error(status: int, body: bytes, retry_after: str | None, what: str) -> Exception:
-    """The AgentError an error answer means (as `Store` maps botocore's), or a retry of it."""
+    """The AgentError an error answer means (the policy's map, as for the `Store`), or a retry of it."""
     match = _ERROR_CODE.search(body)
-    code = match.group(1) if match else b""
-    shown = code.decode("ascii", "replace") or str(status)
-    if code == b"NoSuchBucket":
-        return ConfigError(f"{what}: the bucket does not exist", hint="check MINIO_BUCKET")
-    if status == 404:
-        return NotFoundError(f"{what}: not found")
-    if status in (401, 403) or code in _CREDENTIAL_CODES:
-        return CredentialsError(f"{what}: access denied by the server ({shown})")
-    error = StorageUnavailableError(f"{what}: server answered {shown}")
-    if status >= 500 or status in (408, 429):
+    code = match.group(1).decode("ascii", "replace") if match else ""
+    error = error_for_status(status, what, code=code)
+    if is_retryable(status) and isinstance(error, StorageUnavailableError):  # a code can say "never again"
         return _Retry(error, parse_retry_after(retry_after))
     return error
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig as UploadConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -24,15 +24,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from agent.errors import (
-    AgentError,
-    ConfigError,
-    CredentialsError,
-    NotFoundError,
-    StorageUnavailableError,
-)
+from agent.errors import AgentError, ConfigError, CredentialsError, NotFoundError, StorageUnavailableError
+from agent.policy import RetryPolicy, error_for_status
 from agent.redact import SIGNING_LOGGERS, RedactSignatures, redact_signing_logs, redact_url, scrub_queries
-from agent.retry import backoff_delay
 from agent.s3read import ObjectInfo, require_credentials
 from agent.settings import Settings
 from agent.transport import DeadlineSender
@@ -46,13 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Multipart above 64 MiB, in 64 MiB parts: few requests for multi-GiB shards, bounded memory.
-UPLOAD_CONFIG = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
-MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
-CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"}
-# Refusals a person fixes in the pod's configuration, not by waiting for the server: no fallback.
-CONFIG_CODES = {"RequestTimeTooSkewed": "the pod's clock is off by minutes: fix its time sync (NTP)",
-                "AuthorizationHeaderMalformed": "the signing region is wrong: set MINIO_REGION",
-                "InvalidBucketName": "check MINIO_BUCKET"}
+UPLOAD_CONFIG = UploadConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+# A body that breaks or fails its checksum while being read, which botocore does not retry (it retries
+# sending the request): the whole GET again, a few times, quickly.
+BODY_RETRY = RetryPolicy(max_retries=3, base=0.2, cap=2.0)
 
 
 def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None = None) -> S3Client:
@@ -62,8 +53,9 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None 
     config = Config(
         signature_version="s3v4",
         s3={"addressing_style": "path"},
-        retries={"total_max_attempts": 1 + (settings.deadlines.retries if retries is None else retries),
-                 "mode": "standard"},
+        # botocore is the one retry layer of every request it sends (the policy's count, its backoff)
+        retries={"total_max_attempts": 1 + (RetryPolicy.from_deadlines(settings.deadlines).max_retries
+                                            if retries is None else retries), "mode": "standard"},
         connect_timeout=settings.deadlines.connect,
         read_timeout=30,  # botocore's own sending is left to uploads; metadata goes via DeadlineSender
         max_pool_connections=max_pool,
@@ -85,18 +77,10 @@ def translate(exc: Exception, what: str) -> AgentError:
     if isinstance(exc, AgentError):
         return exc
     if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code in MISSING_CODES or (status == "404" and code != "NoSuchBucket"):
-            return NotFoundError(f"{what}: not found")
-        if code == "NoSuchBucket":
-            return ConfigError(f"{what}: the bucket does not exist", hint="check MINIO_BUCKET")
-        if code in CREDENTIAL_CODES or status == "403":
-            return CredentialsError(f"{what}: access denied by the server ({code or status})")
-        if code in CONFIG_CODES:
-            return ConfigError(f"{what}: the server refused the request ({code})", hint=CONFIG_CODES[code])
-        return StorageUnavailableError(f"{what}: server answered {code or status}")
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        # botocore names a bodyless answer (HEAD) by its status: "404" is a status, not an S3 code
+        return error_for_status(status, what, code="" if code == str(status) else code)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return CredentialsError(f"{what}: no credentials to sign with ({type(exc).__name__})")
     if isinstance(exc, EndpointConnectionError):
@@ -172,25 +156,23 @@ class Store:
         metadata["content-length"] = str(meta["ContentLength"])
         return metadata
 
-    def get_bytes(self, key: str, *, limit: int = 64 << 20, attempts: int = 4) -> bytes:
+    def get_bytes(self, key: str, *, limit: int = 64 << 20) -> bytes:
         """A small object's bytes (manifests, refs); refuses anything over `limit`.
 
         botocore retries a failed request but not a body that breaks or fails its checksum while being
-        read; one such blip on the manifest must not send a pod to the Hub, so the whole GET is retried.
-        """
-        for attempt in range(attempts):
+        read; one such blip on the manifest must not send a pod to the Hub, so the whole GET is retried
+        then, and only then (a request botocore gave up on is not sent again)."""
+        for attempt in range(BODY_RETRY.attempts):
+            response = self._call(key, self.client.get_object, Bucket=self.bucket, Key=key)
+            if int(response["ContentLength"]) > limit:
+                raise ConfigError(f"{key}: {response['ContentLength']} bytes is too large for metadata")
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=key)
-                if int(response["ContentLength"]) > limit:
-                    raise ConfigError(f"{key}: {response['ContentLength']} bytes is too large for metadata")
                 data: bytes = response["Body"].read()
                 return data
-            except ClientError as exc:
-                raise translate(exc, key) from None
             except (BotoCoreError, OSError) as exc:
-                if attempt == attempts - 1:
+                if BODY_RETRY.gives_up(attempt):
                     raise translate(exc, key) from None
-                time.sleep(backoff_delay(attempt, 0.2, 2.0))
+                time.sleep(BODY_RETRY.delay(attempt))
         raise AssertionError("unreachable")
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:

@@ -2,8 +2,9 @@
 
 The pod holds no credentials, only the JSON map `{file: presigned PUT URL}` from
 `SimDataStorage.generate_upload_urls`, so this is plain HTTP (urllib3), not the SDK. Each PUT is retried
-with full-jitter exponential backoff on 5xx/429 answers and connection errors; a 4xx (expired or tampered
-URL) fails at once. Every URL is a credential: nothing here prints or returns a query string.
+by the failure policy (`agent.policy`: full-jitter exponential backoff on 408/429/5xx answers and
+connection errors); any other 4xx (expired or tampered URL) fails at once. Every URL is a credential:
+nothing here prints or returns a query string.
 """
 
 from __future__ import annotations
@@ -13,39 +14,29 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.artifacts import InvalidArtifactRequest, redact_signing_logs, validate_artifact_name
 from agent.errors import ConfigError
+from agent.policy import RetryPolicy, is_retryable
 from agent.redact import redact_url, scrub_queries
-from agent.retry import backoff_delay
 
 if TYPE_CHECKING:  # urllib3 is imported by the functions that upload: other commands never pay for it
     import urllib3
 
 CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown; charset=utf-8"}
-RETRYABLE_STATUS = frozenset({429}) | frozenset(range(500, 600))
+# Five tries per file, waits from 0.5 s: a PUT of a whole file is worth more patience than a part's GET.
+UPLOAD_RETRY = RetryPolicy(max_retries=4, base=0.5, cap=10.0)
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 300.0  # the server answers a PUT once the whole body is in
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """`attempts` tries per file; before try n+1 sleep uniform(0, min(cap, base * 2**n)) seconds."""
-
-    attempts: int = 5
-    base: float = 0.5
-    cap: float = 10.0
-    connect_timeout: float = 10.0
-    read_timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1 or self.base < 0 or self.cap < 0:
-            raise ConfigError(f"retry policy out of range: {self}")
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return backoff_delay(attempt, self.base, self.cap, rng=rng)
+def with_attempts(attempts: int) -> RetryPolicy:
+    """The upload policy with `attempts` tries per file (`--attempts`)."""
+    return replace(UPLOAD_RETRY, max_retries=attempts - 1)
 
 
 @dataclass
@@ -102,7 +93,7 @@ def load_url_map(path: Path) -> dict[str, str]:
     return urls
 
 
-def _put_once(http: urllib3.PoolManager, url: str, path: Path, policy: RetryPolicy) -> int:
+def _put_once(http: urllib3.PoolManager, url: str, path: Path) -> int:
     """One PUT of the whole file; returns its size, or raises _Retryable / _Fatal."""
     import urllib3
 
@@ -117,8 +108,7 @@ def _put_once(http: urllib3.PoolManager, url: str, path: Path, policy: RetryPoli
         with body:
             response = http.request("PUT", url, body=body, headers=headers, retries=False, redirect=False,
                                     preload_content=True,
-                                    timeout=urllib3.Timeout(connect=policy.connect_timeout,
-                                                            read=policy.read_timeout))
+                                    timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT))
     except urllib3.exceptions.HTTPError as exc:  # connection refused/reset, timeouts, TLS
         raise _Retryable(f"connection error: {type(exc).__name__}: {scrub(str(exc))}") from None
     except OSError as exc:
@@ -126,7 +116,7 @@ def _put_once(http: urllib3.PoolManager, url: str, path: Path, policy: RetryPoli
     if 200 <= response.status < 300:
         return size
     reason = f"HTTP {response.status}{_s3_error_code(response.data)}"
-    if response.status in RETRYABLE_STATUS:
+    if is_retryable(response.status):
         raise _Retryable(reason)
     raise _Fatal(reason)
 
@@ -146,7 +136,7 @@ def upload_file(http: urllib3.PoolManager, url: str, path: Path, *, policy: Retr
         if attempt:
             sleep(policy.delay(attempt - 1, rng))
         try:
-            return _put_once(http, url, path, policy)
+            return _put_once(http, url, path)
         except _Retryable as exc:
             last = str(exc)
         except _Fatal as exc:
@@ -165,7 +155,7 @@ def upload_artifacts(directory: Path, urls: Mapping[str, str], *, http: urllib3.
 
     redact_signing_logs()  # urllib3 logs request lines, query string included, at DEBUG
     http = http or urllib3.PoolManager(num_pools=2, maxsize=2)
-    policy = policy or RetryPolicy()
+    policy = policy or UPLOAD_RETRY
     summary = UploadSummary()
 
     def emit(name: str, message: str, **fields: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from agent.cache import atomic_write, check_repo_id
 from agent.engines import ENGINES
+from agent.engines.base import TransferConfig
 from agent.errors import UsageError
 from agent.fallback import pull_with_fallback
 from agent.output import Output, human_bytes
@@ -85,11 +86,15 @@ def selection_from(args: argparse.Namespace, load_format: str | None = None) -> 
                      tuple(args.exclude or ()))
 
 
-def options_from(args: argparse.Namespace, selection: Selection | None = None) -> PullOptions:
+def options_from(args: argparse.Namespace, settings: Settings,
+                 selection: Selection | None = None) -> PullOptions:
+    """The pull the flags ask for, with its transfer config: `--concurrency` streams (else sized to the
+    machine) under the settings' deadlines and retry counts."""
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, got {args.concurrency}")
+    transfer = TransferConfig.sized(args.concurrency, settings.deadlines)
     return PullOptions(check_repo_id(args.model), args.revision, args.engine, args.verify, args.rehash,
-                       args.concurrency, selection or selection_from(args))
+                       args.concurrency, selection or selection_from(args), transfer)
 
 
 def write_report(path: Path | None, result: PullResult) -> None:
@@ -110,8 +115,8 @@ def summarize(result: PullResult, out: Output) -> None:
 
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     settings = settings.with_hf_home(args.hf_home)
-    result = pull_with_fallback(settings, options_from(args), out, allow_fallback=not args.no_fallback,
-                                write_back=args.write_back)
+    result = pull_with_fallback(settings, options_from(args, settings), out,
+                                allow_fallback=not args.no_fallback, write_back=args.write_back)
     write_report(args.report, result)
     summarize(result, out)
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 from agent.errors import EXIT_NOT_AVAILABLE, EXIT_OK, ConfigError
 from agent.output import Output
 from agent.settings import Settings
-from agent.uploader import RetryPolicy, load_url_map, upload_artifacts
+from agent.uploader import UPLOAD_RETRY, load_url_map, upload_artifacts, with_attempts
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,8 +29,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument("directory", metavar="DIR", type=Path, help="the directory holding the artifacts")
     parser.add_argument("--urls", metavar="FILE", type=Path, required=True,
                         help="the JSON map {file: presigned PUT URL} the API handed out")
-    parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts, metavar="N",
-                        help=f"tries per file (default {RetryPolicy.attempts})")
+    parser.add_argument("--attempts", type=int, default=UPLOAD_RETRY.attempts, metavar="N",
+                        help=f"tries per file (default {UPLOAD_RETRY.attempts})")
     parser.set_defaults(func=run)
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     def on_event(name: str, message: str, fields: Mapping[str, Any]) -> None:
         out.event(name, message, **fields)
 
-    summary = upload_artifacts(directory, urls, policy=RetryPolicy(attempts=args.attempts), on_event=on_event)
+    summary = upload_artifacts(directory, urls, policy=with_attempts(args.attempts), on_event=on_event)
     sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
     sys.stdout.flush()
     if summary.ok:

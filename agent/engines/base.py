@@ -28,14 +28,15 @@ What engines differ in is said by their class attributes, so the orchestration a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from agent.errors import ConfigError
+from agent.policy import RetryPolicy
 from agent.settings import Deadlines, Settings
-
-_D = Deadlines()
 
 
 @dataclass(frozen=True)
@@ -65,24 +66,43 @@ class BlobJob:
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Transfer limits, sized to the machine by `agent.plan.size_limits`; the deadlines come from
-    `agent.settings.Deadlines` (`read_timeout` is its first-byte deadline, also the longest silence)."""
+class TransferConfig:
+    """Everything that bounds a transfer, validated once and handed down to the engine (after
+    s3transfer's `TransferConfig`): how many streams, how long a request may take (`deadlines`:
+    `first_byte` is also the longest silence) and how failures are retried (`retry`).
+
+    The command line builds it from its flags and settings with `sized`; a test passes its own. The
+    engines read the retry counts from `retry` only (`sized` copies the settings' `deadlines.retries`
+    and `stall_retries` there)."""
 
     concurrency: int = 8
-    connect_timeout: float = _D.connect
-    read_timeout: float = _D.first_byte
-    max_retries: int = 5
-    backoff_base: float = 0.2
-    backoff_max: float = 10.0
-    min_rate: float = _D.min_rate  # bytes/s over each `rate_window`; 0: off
-    rate_window: float = _D.rate_window
-    stall_retries: int = _D.stall_retries  # retries of a part that got no usable answer
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
-    def with_deadlines(self, deadlines: Deadlines) -> Limits:
-        return replace(self, connect_timeout=deadlines.connect, read_timeout=deadlines.first_byte,
-                       min_rate=deadlines.min_rate, rate_window=deadlines.rate_window,
-                       stall_retries=deadlines.stall_retries, max_retries=deadlines.retries)
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}",
+                              hint="see --concurrency")
+
+    @classmethod
+    def sized(cls, concurrency: int | None = None, deadlines: Deadlines | None = None) -> TransferConfig:
+        """Sized to the machine: 4 connections per core, 8 to 64, unless `concurrency` says otherwise.
+        Loopback or a fat NIC both want several streams in flight; memory is bounded by chunk size x
+        streams, not by part size. With `deadlines` (the settings'), the retry counts come from them."""
+        streams = concurrency or max(8, min(64, 4 * usable_cores()))
+        if deadlines is None:
+            return cls(streams)
+        return cls(streams, deadlines, RetryPolicy.from_deadlines(deadlines))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 2
+    except (AttributeError, OSError):  # not on Linux
+        import psutil
+
+        return psutil.cpu_count(logical=True) or 2
 
 
 ProgressFn = Callable[[int], None]  # bytes newly written since the last call
@@ -117,7 +137,7 @@ class Engine(Protocol):
         """Whether the engine can run here (its extension loads, its binary is on PATH)."""
         ...
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         """Fetch every part of every job, or raise an `AgentError` naming what failed."""
         ...

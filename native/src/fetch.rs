@@ -14,6 +14,7 @@ use tokio::time::timeout;
 
 use crate::client;
 use crate::error::FetchError;
+use crate::policy;
 use crate::spec::{Job, JobArg, Options};
 use crate::transfer::Tick;
 use crate::transfer::{self, Shared, Totals};
@@ -43,8 +44,9 @@ use crate::transfer::{self, Shared, Totals};
 /// `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` are honoured as curl reads them.
 #[pyfunction]
 #[pyo3(signature = (
-    jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0, max_retries = 5,
-    backoff_base = 0.2, backoff_max = 10.0, progress = None, progress_interval = 0.1, report = None,
+    jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0,
+    max_retries = policy::MAX_RETRIES, backoff_base = policy::BACKOFF_BASE,
+    backoff_max = policy::BACKOFF_CAP, progress = None, progress_interval = 0.1, report = None,
     min_rate = 0.0, rate_window = 20.0, stall_retries = None,
 ))]
 #[allow(clippy::too_many_arguments)]

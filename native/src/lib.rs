@@ -5,12 +5,12 @@
 //! Python does the planning and the final rename.
 use pyo3::prelude::*;
 
-mod backoff;
 mod client;
 mod deadline;
 mod error;
 mod fetch;
 mod part;
+mod policy;
 mod proxy;
 mod response;
 mod s3;
@@ -33,6 +33,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(s3::presign_list, m)?)?;
     m.add_function(wrap_pyfunction!(s3::parse_list, m)?)?;
     m.add_function(wrap_pyfunction!(small::get_small, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::retryable_statuses, m)?)?;
+    m.add_function(wrap_pyfunction!(policy::retry_defaults, m)?)?;
     error::add_exceptions(m)?;
     Ok(())
 }

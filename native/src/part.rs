@@ -11,10 +11,10 @@ use ring::digest::{Context, SHA256};
 use tokio::task::block_in_place;
 use tokio::time::{sleep, timeout};
 
-use crate::backoff;
 use crate::client::range_request;
 use crate::deadline::{is_unreachable, Pace, Stalls};
 use crate::error::{Attempt, Cause, Failure};
+use crate::policy;
 use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
 use crate::transfer::Shared;
@@ -108,8 +108,8 @@ async fn retry_part(target: &Target<'_>, state: &mut PartState) -> Result<(), Bo
             return Err(target.failure(cause, attempt));
         }
         let wait = match after {
-            Some(asked) => backoff::honour(asked, options.backoff_max),
-            None => backoff::delay(attempt, options.backoff_base, options.backoff_max),
+            Some(asked) => policy::honour(asked, options.backoff_max),
+            None => policy::delay(attempt, options.backoff_base, options.backoff_max),
         };
         target.shared.count_retry();
         attempt += 1;

@@ -6,11 +6,13 @@ use hyper::http::response::Parts;
 use hyper::StatusCode;
 
 use crate::error::{Attempt, Cause};
+use crate::policy::is_retryable;
 
 /// How many leading body bytes to discard so that the body begins at byte `start`.
 ///
 /// 206, and 200 with a Content-Range (rclone serve s3 does that), must carry exactly the asked range;
-/// a 200 without one is the whole object. 408, 429 and 5xx are retried; any other status is fatal.
+/// a 200 without one is the whole object. The policy's statuses (408, 429, 5xx) are retried; any
+/// other status is fatal.
 pub fn body_skip(head: &Parts, start: u64, end: u64) -> Result<u64, Attempt> {
     let status = head.status;
     if status == StatusCode::PARTIAL_CONTENT || status == StatusCode::OK {
@@ -27,7 +29,7 @@ pub fn body_skip(head: &Parts, start: u64, end: u64) -> Result<u64, Attempt> {
         };
     }
     let cause = Cause::Status(status.as_u16());
-    if is_retryable(status) {
+    if is_retryable(status.as_u16()) {
         Err(Attempt::Retry {
             cause,
             after: retry_after(head),
@@ -35,12 +37,6 @@ pub fn body_skip(head: &Parts, start: u64, end: u64) -> Result<u64, Attempt> {
     } else {
         Err(Attempt::Fatal(cause))
     }
-}
-
-fn is_retryable(status: StatusCode) -> bool {
-    status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
 }
 
 /// `None` without the header; `Some(None)` when it is present but not `bytes a-b/total`.

@@ -25,13 +25,14 @@ import pytest
 import agent.fetch
 import agent.pull
 from agent.cache import BLOB_RE, RepoCache
-from agent.engines.base import Limits
+from agent.engines.base import TransferConfig
 from agent.errors import AgentError, ConfigError, CredentialsError
 from agent.manifest import Manifest
 from agent.output import Output
+from agent.policy import RetryPolicy
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
-from agent.settings import Settings
+from agent.settings import Deadlines, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
 from agent.testbed.seaweed import SeaweedServer
@@ -66,17 +67,12 @@ ENGINES = ["python",
            pytest.param("s5cmd", marks=pytest.mark.skipif(not _s5cmd_available(), reason="no s5cmd"))]
 
 # Short timeouts and backoff so every case stays well under 10 s; the logic is the production one.
-FAST = Limits(concurrency=2, connect_timeout=2.0, read_timeout=1.0, max_retries=3, backoff_base=0.05,
-              backoff_max=1.0)
+FAST = TransferConfig(concurrency=2, deadlines=Deadlines(connect=2.0, first_byte=1.0),
+                      retry=RetryPolicy(max_retries=3, base=0.05, cap=1.0))
 
 
 def quiet() -> Output:
     return Output(io.StringIO(), json_mode=True)
-
-
-@pytest.fixture(autouse=True)
-def fast_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None, deadlines=None: FAST)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +105,8 @@ def blob_get(name: str) -> Callable[[str, str, str | None], bool]:
     return lambda method, path, _range: method == "GET" and path.endswith(f"/blobs/{name}")
 
 
-def pull(settings: Settings, repo_id: str, engine: str) -> PullResult:
-    return pull_from_store(settings, PullOptions(repo_id, engine=engine), quiet())
+def pull(settings: Settings, repo_id: str, engine: str, transfer: TransferConfig = FAST) -> PullResult:
+    return pull_from_store(settings, PullOptions(repo_id, engine=engine, transfer=transfer), quiet())
 
 
 def assert_no_bad_final_blob(cache: RepoCache, manifest: Manifest) -> None:
@@ -276,12 +272,11 @@ def test_presigned_urls_that_expire_mid_pull_fail_cleanly(
         engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(agent.fetch, "URL_EXPIRY", 1)
-    monkeypatch.setattr(agent.pull, "size_limits", lambda concurrency=None, deadlines=None: Limits(
-        concurrency=2, read_timeout=5.0, max_retries=2, backoff_base=0.05, backoff_max=0.5))
     settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")
     proxy.add_fault("stall_head", count=1, match="/blobs/", stall_seconds=2.0)
+    patient = TransferConfig(2, Deadlines(first_byte=5.0), RetryPolicy(max_retries=2, base=0.05, cap=0.5))
     with pytest.raises(AgentError) as info:
-        pull(settings, model_repo[0], engine)
+        pull(settings, model_repo[0], engine, patient)
     print(f"\nexpired URLs ({engine}): exit {info.value.exit_code}: {info.value.one_line()[:200]}")
     # 403 from the server: the URLs' signatures are no longer valid
     assert any(r.status == 403 for r in proxy.requests("GET")) or info.value.exit_code == 2

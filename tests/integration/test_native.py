@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.errors import CredentialsError, NotFoundError, StorageUnavailableError, VerificationError
+from agent.policy import RetryPolicy
+from agent.settings import Deadlines
 from agent.testbed.seaweed import SeaweedServer
 from tests.support.fault_server import FaultKind, FaultProxy
 
@@ -326,8 +328,8 @@ def blob_job(blob: Blob, url: str, path: Path, part_size: int) -> BlobJob:
     return BlobJob(blob.key.rsplit("/", 1)[-1], blob.key, url, len(blob.data), path, parts)
 
 
-LIMITS = Limits(concurrency=4, connect_timeout=2.0, read_timeout=0.5, max_retries=3, backoff_base=0.01,
-                backoff_max=0.05)
+LIMITS = TransferConfig(concurrency=4, deadlines=Deadlines(connect=2.0, first_byte=0.5),
+                        retry=RetryPolicy(max_retries=3, base=0.01, cap=0.05))
 
 
 def test_engine_reports_each_part_once_and_every_byte(blob: Blob, small_blob: Blob, proxy: FaultProxy,
@@ -363,7 +365,8 @@ def test_engine_maps_errors_to_the_agents(small_blob: Blob, s3_server: SeaweedSe
     path = preallocated(tmp_path, len(small_blob.data))
     engine = NativeEngine()
 
-    limits = replace(LIMITS, read_timeout=0.2, max_retries=1)
+    limits = replace(LIMITS, deadlines=replace(LIMITS.deadlines, first_byte=0.2),
+                     retry=replace(LIMITS.retry, max_retries=1))
 
     def run(url: str, *, sha: str | None = None) -> None:
         part = Part(0, 0, len(small_blob.data), sha)
@@ -382,7 +385,7 @@ def test_engine_maps_errors_to_the_agents(small_blob: Blob, s3_server: SeaweedSe
     proxy.add_fault("stall", count=100)
     with pytest.raises(StorageUnavailableError) as stalled:
         run(proxy.url_for(small_blob.url))
-    assert proxy.count(fault="stall") == limits.max_retries + 1
+    assert proxy.count(fault="stall") == limits.retry.max_retries + 1
     for error in (denied.value, stalled.value):
         assert_no_secret(str(error))
         assert str(path) in str(error)

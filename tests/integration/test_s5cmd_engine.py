@@ -24,13 +24,14 @@ import pytest
 from huggingface_hub import scan_cache_dir
 
 from agent.engines import s5cmd as s5cmd_module
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.s5cmd import S5cmdEngine, classify, command_line, scrub
 from agent.errors import CredentialsError, NotFoundError, StorageUnavailableError
 from agent.finish import Finisher
 from agent.output import Output
+from agent.policy import RetryPolicy
 from agent.pull import PullOptions, pull_from_store
-from agent.settings import MODELS_PREFIX, Settings
+from agent.settings import MODELS_PREFIX, Deadlines, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
 from agent.testbed.seaweed import SeaweedServer
@@ -38,6 +39,7 @@ from agent.testbed.seed import fake_commit, seed_cache
 
 REPO_ID = "simswarm-test/s5cmd-llama"
 COMMIT = fake_commit(REPO_ID)
+NO_RETRY = TransferConfig(retry=RetryPolicy(max_retries=0))
 
 pytestmark = pytest.mark.skipif(not S5cmdEngine.available(), reason="s5cmd is not on PATH")
 
@@ -148,7 +150,7 @@ def test_a_missing_object_is_not_found(settings: Settings, tmp_path: Path) -> No
     job = BlobJob("0" * 64, "models/hf-cache/nothing-here", "http://unused", 10, target, (Part(0, 0, 10),))
 
     with pytest.raises(NotFoundError, match="fetched 0 of 1 blobs"):
-        S5cmdEngine(settings).fetch([job], Limits(max_retries=0), lambda n: None, lambda j, p: None)
+        S5cmdEngine(settings).fetch([job], NO_RETRY, lambda n: None, lambda j, p: None)
 
 
 def test_an_unreachable_endpoint_is_storage_unavailable(settings: Settings, tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_an_unreachable_endpoint_is_storage_unavailable(settings: Settings, tmp_
     job = BlobJob("0" * 64, "models/x", "http://unused", 10, target, (Part(0, 0, 10),))
 
     with pytest.raises(StorageUnavailableError) as caught:
-        S5cmdEngine(dead).fetch([job], Limits(max_retries=0), lambda n: None, lambda j, p: None)
+        S5cmdEngine(dead).fetch([job], NO_RETRY, lambda n: None, lambda j, p: None)
     assert settings.secret_key not in str(caught.value)  # type: ignore[operator]
 
 
@@ -194,7 +196,8 @@ def test_a_stalled_server_fails_the_fetch_and_stops_the_child(
     started = time.monotonic()
 
     with pytest.raises(StorageUnavailableError, match="no progress"):
-        engine.fetch([job], Limits(read_timeout=0.5, max_retries=0), lambda n: None, lambda j, p: None)
+        impatient = TransferConfig(deadlines=Deadlines(first_byte=0.5), retry=RetryPolicy(max_retries=0))
+        engine.fetch([job], impatient, lambda n: None, lambda j, p: None)
     assert time.monotonic() - started < 15
     assert not [p for p in psutil.Process().children(recursive=True) if "s5cmd" in p.name()]
 

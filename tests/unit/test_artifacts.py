@@ -39,9 +39,10 @@ from agent.artifacts import (
     validate_job_id,
 )
 from agent.errors import EXIT_NOT_AVAILABLE, EXIT_USAGE, AgentError, ConfigError, NotFoundError
+from agent.policy import RetryPolicy
 from agent.settings import Settings
 from agent.store import Store
-from agent.uploader import RetryPolicy, load_url_map, scrub, upload_artifacts
+from agent.uploader import load_url_map, scrub, upload_artifacts, with_attempts
 
 ACCESS_KEY = "AKIAUNITTESTKEY00001"
 SECRET_KEY = "unit-test-secret-key/NEVER+LOGGED"
@@ -391,7 +392,7 @@ def test_uploader_retries_server_errors_with_jittered_backoff(
     base, handler = scripted
     handler.script = [500, 503]
     sleeps: list[float] = []
-    policy = RetryPolicy(attempts=3, base=0.5, cap=10.0)
+    policy = RetryPolicy(max_retries=2, base=0.5, cap=10.0)
     summary = upload_artifacts(_artifacts(tmp_path, ["posts.json"]), {"posts.json": f"{base}/b/posts.json"},
                                policy=policy, sleep=sleeps.append)
     assert summary.uploaded == ["posts.json"] and len(handler.seen) == 3
@@ -417,7 +418,7 @@ def test_uploader_retries_connection_errors_then_fails(tmp_path: Path) -> None:
         sleeps: list[float] = []
         url = "http://127.0.0.1:1/b/posts.json?X-Amz-Signature=deadbeef"  # port 1: connection refused
         summary = upload_artifacts(_artifacts(tmp_path, ["posts.json"]), {"posts.json": url}, http=http_pool,
-                                   policy=RetryPolicy(attempts=4), sleep=sleeps.append)
+                                   policy=with_attempts(4), sleep=sleeps.append)
     assert len(sleeps) == 3
     reason = summary.failed["posts.json"]
     assert reason.startswith("connection error") and "after 4 attempts" in reason and "deadbeef" not in reason

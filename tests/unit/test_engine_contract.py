@@ -11,7 +11,7 @@ import pytest
 
 from agent.cache import RepoCache
 from agent.engines import pick_engine
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.engines.native import NativeEngine
 from agent.engines.python import PythonEngine
 from agent.engines.s5cmd import S5cmdEngine
@@ -65,7 +65,7 @@ class CopyEngine:
         self.reads_urls = reads_urls
         self.urls: list[str] = []
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         for job in jobs:
             self.urls.append(job.url)
@@ -83,7 +83,7 @@ def test_a_url_is_signed_only_for_an_engine_that_reads_it(tmp_path: Path, reads_
     cache = RepoCache(tmp_path / "hub", "org/model")
     reader, engine = RecordingReader(), CopyEngine(reads_urls)
     plan = make_plan(cache, snap, set(), check_parts=True, resume=False)
-    fetch = Fetch(reader, cache, snap, engine, Limits(), Output(quiet=True))  # type: ignore[arg-type]
+    fetch = Fetch(reader, cache, snap, engine, TransferConfig(), Output(quiet=True))  # type: ignore[arg-type]
 
     assert fetch.transfer(plan, CheckPolicy(full=True)) == {}
 

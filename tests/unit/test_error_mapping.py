@@ -24,8 +24,8 @@ import urllib3.exceptions
 from botocore.exceptions import ClientError
 
 import agent
-from agent import cli
-from agent.engines.base import BlobJob, Limits, Part
+from agent import cli, s3read
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.python import PartTask, PythonEngine, _final_error, _Retryable
 from agent.engines.s5cmd import S5cmdEngine, classify
 from agent.errors import (
@@ -40,7 +40,9 @@ from agent.errors import (
     StorageUnavailableError,
     as_agent_error,
 )
+from agent.policy import RetryPolicy, error_for_status, is_retryable
 from agent.settings import Settings
+from agent.store import Store
 from agent.store import translate as store_translate
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -172,7 +174,8 @@ PYTHON_CASES = [*urllib3_cases(),
 @pytest.mark.parametrize(("name", "exc"), PYTHON_CASES, ids=[c[0] for c in PYTHON_CASES])
 def test_every_python_engine_failure_maps_to_a_documented_code(name: str, exc: Exception,
                                                                tmp_path: Path) -> None:
-    task = PartTask("http://h/b/k?X-Amz-Signature=x", str(tmp_path / "blob"), 10, Part(0, 0, 10), Limits())
+    task = PartTask("http://h/b/k?X-Amz-Signature=x", str(tmp_path / "blob"), 10, Part(0, 0, 10),
+                    TransferConfig())
     error = assert_mapped(_final_error(task, exc))
     if "EMFILE" in name or name == f"OSError {errno.EMFILE}":
         assert isinstance(error, ResourceLimitError) and "ulimit -n" in error.hint
@@ -184,7 +187,8 @@ def test_the_python_engine_maps_a_part_file_it_cannot_open(tmp_path: Path) -> No
     """The worker opens the part file before its retry loop: that OSError used to escape unmapped."""
     job = BlobJob("b" * 40, "k", "http://127.0.0.1:9/b/k", 10, tmp_path / "no" / "part", (Part(0, 0, 10),))
     with pytest.raises(AgentError) as caught:
-        PythonEngine(processes=1).fetch([job], Limits(max_retries=0), lambda n: None, lambda j, p: None)
+        PythonEngine(processes=1).fetch([job], TransferConfig(retry=RetryPolicy(max_retries=0)),
+                                        lambda n: None, lambda j, p: None)
     assert isinstance(assert_mapped(caught.value, code=2), LocalFileError)
 
 
@@ -195,7 +199,7 @@ def test_a_worker_that_dies_is_a_resource_error(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(PythonEngine, "_run", broken)
     job = BlobJob("b" * 40, "k", "http://127.0.0.1:9/b/k", 10, tmp_path / "part", (Part(0, 0, 10),))
     with pytest.raises(ResourceLimitError) as caught:
-        PythonEngine(processes=1).fetch([job], Limits(), lambda n: None, lambda j, p: None)
+        PythonEngine(processes=1).fetch([job], TransferConfig(), lambda n: None, lambda j, p: None)
     assert_mapped(caught.value, code=3)
 
 
@@ -227,7 +231,7 @@ def test_the_s5cmd_engine_maps_a_binary_it_cannot_start(tmp_path: Path) -> None:
                                   "MINIO_SECRET_KEY": "s", "HF_HOME": str(tmp_path)})
     engine = S5cmdEngine(settings, executable=str(tmp_path / "no-s5cmd-here"))
     with pytest.raises(AgentError) as caught:
-        engine.fetch([job], Limits(), lambda n: None, lambda j, p: None)
+        engine.fetch([job], TransferConfig(), lambda n: None, lambda j, p: None)
     assert_mapped(caught.value, code=2)
 
 
@@ -259,6 +263,64 @@ def test_every_botocore_failure_maps_to_a_documented_code(name: str, exc: Except
     error = assert_mapped(store_translate(exc, "listing 'models/'"))
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         assert isinstance(error, CredentialsError) and error.exit_code == 2
+
+
+class OneObject:
+    """A client whose GETs fail as `failures` says, in order (an exception class to raise from the
+    request, or "body" for a body that breaks while read), then answer b"abc"."""
+
+    def __init__(self, *failures: object) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    def get_object(self, **_: object) -> dict[str, Any]:
+        self.calls += 1
+        failure = self.failures.pop(0) if self.failures else None
+        if isinstance(failure, type):
+            raise failure(endpoint_url="http://h")
+
+        class Body:
+            def read(self) -> bytes:
+                if failure == "body":
+                    raise botocore.exceptions.IncompleteReadError(actual_bytes=1, expected_bytes=3)
+                return b"abc"
+
+        return {"ContentLength": 3, "Body": Body()}
+
+
+def test_the_store_sends_no_request_again_that_botocore_gave_up_on() -> None:
+    client = OneObject(botocore.exceptions.EndpointConnectionError)
+    with pytest.raises(StorageUnavailableError):
+        Store(Settings.from_env({}), client=client).get_bytes("k")  # type: ignore[arg-type]
+    assert client.calls == 1  # botocore's retries were the one layer
+
+
+def test_the_store_reads_again_a_body_that_broke() -> None:
+    client = OneObject("body")
+    assert Store(Settings.from_env({}), client=client).get_bytes("k") == b"abc"  # type: ignore[arg-type]
+    assert client.calls == 2
+
+
+# -- the failure policy: one map from an HTTP answer to an error, whoever read it ---------------------------
+
+STATUS_CASES = [(status, code) for status in (400, 401, 403, 404, 408, 416, 429, 500, 503)
+                for code in ("", "NoSuchKey", "NoSuchBucket", "AccessDenied", "AuthorizationHeaderMalformed")]
+
+
+@pytest.mark.parametrize(("status", "code"), STATUS_CASES)
+def test_every_reader_maps_an_http_answer_as_the_policy_does(status: int, code: str) -> None:
+    expected = type(assert_mapped(error_for_status(status, "k", code=code)))
+    response: Any = {"Error": {"Code": code or str(status)}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    assert type(store_translate(ClientError(response, "GetObject"), "k")) is expected
+    body = f"<Error><Code>{code}</Code></Error>".encode() if code else b""
+    answer = s3read._status_error(status, body, "1", "k")
+    retried = isinstance(answer, s3read._Retry)
+    assert type(answer.error if isinstance(answer, s3read._Retry) else answer) is expected
+    assert retried == (is_retryable(status) and expected is StorageUnavailableError)
+    if not code:  # the native engine's HttpStatusError carries the status only
+        exc = native.HttpStatusError(NATIVE_MESSAGE.format("boom"))
+        exc.status = status
+        assert type(native_translate(exc)) is expected
 
 
 # -- the command line ---------------------------------------------------------------------------------------

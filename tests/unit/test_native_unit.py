@@ -21,7 +21,7 @@ import pytest
 
 import agent
 from agent.engines import pick_engine
-from agent.engines.base import BlobJob, Limits, Part
+from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.errors import (
     DiskFullError,
     PermissionDeniedError,
@@ -31,6 +31,8 @@ from agent.errors import (
 
 native = pytest.importorskip("agent._native")
 from agent.engines.native import NativeEngine, translate  # noqa: E402
+from agent.policy import RETRYABLE_STATUSES, RetryPolicy  # noqa: E402
+from agent.settings import Deadlines  # noqa: E402
 
 SECRET_URL = "http://127.0.0.1:{port}/bucket/key?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -53,6 +55,13 @@ def test_stub_matches_the_compiled_module() -> None:
     result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "agent._native"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rust_failure_policy_is_the_python_one() -> None:
+    """native/src/policy.rs mirrors agent/policy.py: the same retryable statuses, the same defaults."""
+    assert set(native.retryable_statuses()) == RETRYABLE_STATUSES
+    default = RetryPolicy()
+    assert native.retry_defaults() == (default.max_retries, default.base, default.cap)
 
 
 @pytest.mark.parametrize(("parts", "needle"), [
@@ -136,7 +145,8 @@ def test_engine_raises_storage_unavailable_when_the_server_is_down(tmp_path: Pat
     path = tmp_path / "f"
     path.write_bytes(b"\0" * 10)
     job = BlobJob("blob", "key", SECRET_URL.format(port=closed_port), 10, path, (Part(0, 0, 10),))
-    limits = Limits(max_retries=1, backoff_base=0.001, backoff_max=0.01, connect_timeout=1.0)
+    limits = TransferConfig(deadlines=Deadlines(connect=1.0),
+                            retry=RetryPolicy(max_retries=1, base=0.001, cap=0.01))
     with pytest.raises(StorageUnavailableError) as caught:
         NativeEngine().fetch([job], limits, lambda n: None, lambda j, p: None)
     assert "deadbeef" not in caught.value.one_line()

@@ -16,7 +16,7 @@ import pytest
 
 from agent.cache import PART_SUFFIX, RepoCache
 from agent.clean import clean_stale
-from agent.engines.base import Limits
+from agent.engines.base import TransferConfig
 from agent.errors import DiskFullError
 from agent.fetch import preallocate
 from agent.manifest import (
@@ -368,7 +368,7 @@ def test_a_transfer_error_never_carries_the_presigned_query() -> None:
     from agent.engines.python import PartTask, _final_error
 
     url = "http://127.0.0.1:1/b/k?X-Amz-Credential=AK%2F&X-Amz-Signature=deadbeef"
-    task = PartTask(url, "/tmp/x.simswarm.part", 10, Part(0, 0, 10), Limits())
+    task = PartTask(url, "/tmp/x.simswarm.part", 10, Part(0, 0, 10), TransferConfig())
     for exc in (urllib3.exceptions.MaxRetryError(None, "/b/k?X-Amz-Signature=deadbeef"),  # type: ignore[arg-type]
                 urllib3.exceptions.ProtocolError(f"broken: {url}"), OSError(f"refused '{url}'")):
         line = _final_error(task, exc).one_line()
@@ -390,7 +390,7 @@ def test_the_engine_places_a_body_only_where_it_really_starts(status: int, conte
     from agent.engines.base import Part
     from agent.engines.python import PartTask, _body_start, _Retryable
 
-    task = PartTask("http://x/b/k", "/tmp/x.part", 300000, Part(1, PART, PART), Limits())
+    task = PartTask("http://x/b/k", "/tmp/x.part", 300000, Part(1, PART, PART), TransferConfig())
     response: Any = SimpleNamespace(status=status, headers={"Content-Range": content_range})
     if start is None:
         with pytest.raises(_Retryable):

@@ -7,10 +7,9 @@ import random
 import pytest
 import urllib3
 
-from agent.engines.base import Limits
+from agent.engines.base import TransferConfig
 from agent.errors import ConfigError
-from agent.plan import size_limits
-from agent.retry import backoff_delay
+from agent.policy import RetryPolicy, backoff_delay
 from agent.settings import Deadlines, Settings
 from agent.transport import Pace, TooSlow, pool_for, proxy_for
 
@@ -45,10 +44,25 @@ def test_a_bad_deadline_is_a_config_error_naming_the_variable(name: str, value: 
 
 def test_the_limits_of_a_pull_carry_the_deadlines() -> None:
     d = Deadlines(connect=1, first_byte=2, min_rate=3, rate_window=4, stall_retries=5, retries=6)
-    limits = size_limits(8, d)
-    assert (limits.connect_timeout, limits.read_timeout, limits.min_rate, limits.rate_window,
-            limits.stall_retries, limits.max_retries) == (1, 2, 3, 4, 5, 6)
-    assert size_limits(8).read_timeout == Limits().read_timeout == Deadlines().first_byte
+    limits = TransferConfig.sized(8, d)
+    assert (limits.deadlines.connect, limits.deadlines.first_byte, limits.deadlines.min_rate,
+            limits.deadlines.rate_window, limits.retry.stall_retries,
+            limits.retry.max_retries) == (1, 2, 3, 4, 5, 6)
+    assert (TransferConfig.sized(8).deadlines.first_byte == TransferConfig().deadlines.first_byte
+            == Deadlines().first_byte)
+
+
+@pytest.mark.parametrize("bad", [{"max_retries": -1}, {"stall_retries": -1}, {"base": -0.1},
+                                 {"cap": float("nan")}, {"cap": float("inf")}])
+def test_a_retry_policy_out_of_range_is_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match="retry policy"):
+        RetryPolicy(**bad)  # type: ignore[arg-type]
+
+
+def test_a_transfer_config_needs_at_least_one_stream() -> None:
+    with pytest.raises(ConfigError, match="concurrency"):
+        TransferConfig(concurrency=0)
+    assert TransferConfig.sized(None).concurrency >= 8
 
 
 class Clock:

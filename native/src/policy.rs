@@ -1,7 +1,39 @@
-//! Retry delays: full jitter (AWS "Exponential Backoff and Jitter"), so that parts failing together
-//! do not come back together.
+//! The failure policy of the Rust side, mirroring `agent/policy.py`: which statuses are retried, the
+//! default retry counts and waits, and the delays (full jitter, AWS "Exponential Backoff and
+//! Jitter", so that parts failing together do not come back together). `retryable_statuses` and
+//! `retry_defaults` hand the values to Python, where a unit test keeps the two sides equal.
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pyo3::prelude::*;
+
+/// Retries of a part after its first try (`RetryPolicy.max_retries`).
+pub const MAX_RETRIES: u32 = 5;
+/// Seconds: the first backoff ceiling, doubled per retry (`RetryPolicy.base`).
+pub const BACKOFF_BASE: f64 = 0.2;
+/// Seconds: the longest wait, a `Retry-After` included (`RetryPolicy.cap`).
+pub const BACKOFF_CAP: f64 = 10.0;
+
+/// Answers that ask to be tried again: request timeout, too many requests, every server error.
+const RETRYABLE: [u16; 2] = [408, 429];
+const SERVER_ERRORS: RangeInclusive<u16> = 500..=599;
+
+pub fn is_retryable(status: u16) -> bool {
+    RETRYABLE.contains(&status) || SERVER_ERRORS.contains(&status)
+}
+
+/// Every status `is_retryable` accepts, for the test that compares it with Python's set.
+#[pyfunction]
+pub fn retryable_statuses() -> Vec<u16> {
+    (100..=999).filter(|s| is_retryable(*s)).collect()
+}
+
+/// `(max_retries, backoff_base, backoff_max)`: `fetch`'s defaults, for the same test.
+#[pyfunction]
+pub fn retry_defaults() -> (u32, f64, f64) {
+    (MAX_RETRIES, BACKOFF_BASE, BACKOFF_CAP)
+}
 
 /// How long to wait before retry number `attempt + 1`: uniform in `[0, min(max, base * 2^attempt)]`.
 pub fn delay(attempt: u32, base: Duration, max: Duration) -> Duration {
@@ -46,6 +78,16 @@ fn splitmix64(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retryable_statuses_are_timeouts_throttling_and_server_errors() {
+        let statuses = retryable_statuses();
+        assert_eq!(statuses.len(), 2 + 100);
+        assert!([408, 429, 500, 503, 599]
+            .iter()
+            .all(|s| statuses.contains(s)));
+        assert!(![400, 403, 404, 416, 600].iter().any(|s| is_retryable(*s)));
+    }
 
     #[test]
     fn delay_stays_under_the_exponential_ceiling_and_the_cap() {
