@@ -10,6 +10,7 @@ parent handles the signal and terminates them, so an interrupted pull unwinds in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import multiprocessing
@@ -27,6 +28,7 @@ import urllib3
 from agent.engines.base import BlobJob, Part, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
+    Interrupted,
     ResourceLimitError,
     StorageUnavailableError,
     VerificationError,
@@ -226,10 +228,16 @@ class PythonEngine:
         context.set_forkserver_preload(["agent.engines.python"])
         try:
             executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+            interrupted = False
             try:
                 self._run(executor, tasks, config, progress, on_part_done)
+            except (Interrupted, KeyboardInterrupt):
+                interrupted = True
+                raise
             finally:
                 _stop(executor)
+                if interrupted:  # the agent is about to exit: leave no process of ours behind
+                    _stop_helpers()
         except BrokenProcessPool as exc:  # a worker vanished: the OOM killer is the usual cause
             raise ResourceLimitError(f"a download worker process died ({exc})",
                                      hint="the pod may be short of memory: raise its limit, lower "
@@ -263,3 +271,19 @@ def _stop(executor: ProcessPoolExecutor) -> None:
             proc.terminate()
     for proc in processes:
         proc.join(timeout=5)
+
+
+def _stop_helpers() -> None:
+    """Stop multiprocessing's forkserver and resource tracker and wait for them. Left alone they exit
+    once the agent has (their pipe from it closes), but for a moment after the agent is gone they are
+    still in the pod's process group, holding its stderr: a supervisor that waits for the group, or for
+    the log pipe, sees processes of a pull that has ended. `_stop` is what CPython's own tests use to do
+    this (no public call exists); without it they are left to exit on their own, as before."""
+    from multiprocessing import forkserver, resource_tracker
+
+    helpers = (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None))
+    for helper in helpers:
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            with contextlib.suppress(OSError, ChildProcessError):
+                stop()
