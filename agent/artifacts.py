@@ -1,4 +1,5 @@
-"""The SimSwarm API's artifact presigning module (DESIGN.md §9): `SimDataStorage` and `SIM_DATA_FILES`.
+"""The SimSwarm API's artifact presigning module (README "Artifact presigning"): `SimDataStorage` and
+`SIM_DATA_FILES`.
 
 Each simulation job owns the prefix `sim-data/<job_id>/` of the bucket. At job creation the API hands the
 GPU pod one presigned PUT URL per artifact (14 hours, long enough for the longest run); the browser gets

@@ -1,4 +1,4 @@
-"""The Hugging Face cache layout (DESIGN.md §4): paths, atomic writes, relative links, refs.
+"""The Hugging Face cache layout (README "The local cache"): paths, atomic writes, relative links, refs.
 
 Everything that names a path inside the cache goes through `safe_relpath`, so no key or manifest entry
 from the bucket can escape the cache directory. Our own bookkeeping lives where huggingface_hub does not
@@ -101,14 +101,6 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

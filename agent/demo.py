@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from agent.errors import VerificationError
@@ -74,7 +73,7 @@ def run_demo(out: Output, *, shards: int = 4, shard_bytes: int = 8 << 20, engine
         with Spinner(out, "demo.server", "starting an embedded SeaweedFS S3 server on loopback (about 10 s)"):
             server.start()
         server.create_bucket("simswarm")
-        settings = replace(Settings.from_env({**server.env(), "HF_HOME": str(work / "pod-hf-home")}))
+        settings = Settings.from_env({**server.env(), "HF_HOME": str(work / "pod-hf-home")})
 
         model_dir = work / "model"
         generate_model(model_dir, shards=shards, shard_bytes=shard_bytes)

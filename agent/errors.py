@@ -1,4 +1,4 @@
-"""One small error hierarchy. Each error carries its exit code (DESIGN.md §7) and a one-line hint.
+"""One small error hierarchy. Each error carries its exit code (README "Exit codes") and a one-line hint.
 
 The CLI prints `error: <message> (<hint>)` on one line, so a pod log shows cause and remedy together.
 Every failure ends as one of these: `from_os_error` maps the local filesystem's refusals by errno, and

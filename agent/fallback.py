@@ -1,4 +1,5 @@
-"""The Hugging Face Hub path: used only when the bucket cannot deliver the model (DESIGN.md §1, §5).
+"""The Hugging Face Hub path: used only when the bucket cannot deliver the model (README, "Serving: the
+pod's entrypoint", **Fallback**).
 
 The story: try the bucket; if it cannot deliver (storage off, unreachable, model not staged, a
 manifest or object that stays bad after the repair round), serve a complete copy that an earlier pod

@@ -1,4 +1,5 @@
-"""Building vLLM's command line and environment, then replacing this process with it (DESIGN.md §8).
+"""Building vLLM's command line and environment, then replacing this process with it (README,
+"Serving: the pod's entrypoint").
 
 Pure functions build the argv and the environment, so tests check exactly what vLLM would receive;
 `exec_vllm` is the one impure step. After the exec vLLM is the pod's main process: it gets the pod's

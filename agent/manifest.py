@@ -1,4 +1,5 @@
-"""The snapshot manifest (DESIGN.md §3): huggingface_hub's tree-cache file, and the part-digest sidecar.
+"""The snapshot manifest (README "Bucket layout, manifest and part sidecar"): huggingface_hub's
+tree-cache file, and the part-digest sidecar.
 
 Manifest: `models--<org>--<name>/trees/<commit>.json`, exactly huggingface_hub's format (format_version 1).
 Legacy buckets have none; `derive_legacy` rebuilds an equivalent one from the listing.

@@ -1,4 +1,5 @@
-"""Every environment variable the agent reads (DESIGN.md §6), read once into a frozen, checked object.
+"""Every environment variable the agent reads (README "Configuration"), read once into a frozen, checked
+object.
 
 Tests redirect everything by building `Settings.from_env({...})` with their own mapping.
 """
@@ -126,7 +127,6 @@ class Settings:
     access_key: str | None
     secret_key: str | None = field(repr=False)
     bucket: str
-    secure: bool
     proxy_base: str | None
     hf_home: Path
     hub_cache: Path
@@ -146,7 +146,6 @@ class Settings:
             access_key=_clean(env.get("MINIO_ACCESS_KEY")),
             secret_key=_clean(env.get("MINIO_SECRET_KEY")),
             bucket=_clean(env.get("MINIO_BUCKET")) or DEFAULT_BUCKET,
-            secure=secure,
             proxy_base=normalize_endpoint(proxy, secure) if proxy else None,
             hf_home=hf_home_from_env(env),
             hub_cache=hub_cache_from_env(env),

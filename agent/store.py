@@ -6,7 +6,6 @@ boto3 does the signing (SigV4, path-style, as MinIO expects). Every botocore fai
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,6 @@ __all__ = ["SIGNING_LOGGERS", "ObjectInfo", "RedactSignatures", "Store", "redact
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-
-log = logging.getLogger(__name__)
 
 # Multipart above 64 MiB, in 64 MiB parts: few requests for multi-GiB shards, bounded memory.
 UPLOAD_CONFIG = UploadConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)

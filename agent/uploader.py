@@ -65,11 +65,6 @@ class _Fatal(Exception):
     """A failure retrying cannot fix (4xx, unreadable file)."""
 
 
-def scrub(text: str) -> str:
-    """Any query string in `text` replaced, so an exception message cannot leak a signature."""
-    return scrub_queries(text)
-
-
 def load_url_map(path: Path) -> dict[str, str]:
     """The JSON object `{artifact name: presigned URL}` in `path`, checked: known names, http(s) URLs."""
     try:
@@ -110,7 +105,7 @@ def _put_once(http: urllib3.PoolManager, url: str, path: Path) -> int:
                                     preload_content=True,
                                     timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT))
     except urllib3.exceptions.HTTPError as exc:  # connection refused/reset, timeouts, TLS
-        raise _Retryable(f"connection error: {type(exc).__name__}: {scrub(str(exc))}") from None
+        raise _Retryable(f"connection error: {type(exc).__name__}: {scrub_queries(str(exc))}") from None
     except OSError as exc:
         raise _Fatal(f"reading the file failed: {exc.strerror or type(exc).__name__}") from None
     if 200 <= response.status < 300:

@@ -7,7 +7,6 @@ Hub: LFS files (safetensors, bin, anything large) by sha256, others by git blob 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -46,7 +45,3 @@ def seed_cache(model_dir: Path, hub_cache: Path, repo_id: str, commit: str, revi
 
 def fake_commit(seed: str) -> str:
     return hashlib.sha1(seed.encode()).hexdigest()
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not os.path.islink(p))

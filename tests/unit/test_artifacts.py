@@ -40,9 +40,10 @@ from agent.artifacts import (
 )
 from agent.errors import EXIT_NOT_AVAILABLE, EXIT_USAGE, AgentError, ConfigError, NotFoundError
 from agent.policy import RetryPolicy
+from agent.redact import scrub_queries as scrub
 from agent.settings import Settings
 from agent.store import Store
-from agent.uploader import load_url_map, scrub, upload_artifacts, with_attempts
+from agent.uploader import load_url_map, upload_artifacts, with_attempts
 
 ACCESS_KEY = "AKIAUNITTESTKEY00001"
 SECRET_KEY = "unit-test-secret-key/NEVER+LOGGED"

@@ -1,4 +1,4 @@
-"""Settings: every variable of DESIGN.md §6, read once, with huggingface_hub's cache precedence."""
+"""Settings: every variable of README "Configuration", read once, with huggingface_hub's cache precedence."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def test_malformed_endpoint_is_a_config_error(bad: str) -> None:
 def test_defaults_when_nothing_is_set(tmp_path: Path) -> None:
     s = Settings.from_env({"HOME": str(tmp_path)})
     assert s.endpoint_url is None and not s.storage_enabled
-    assert s.bucket == "simswarm" and s.secure is False
+    assert s.bucket == "simswarm"
+    # MINIO_SECURE is off unless set: a host:port endpoint is plain http
+    assert Settings.from_env({"MINIO_ENDPOINT": "minio:9000"}).endpoint_url == "http://minio:9000"
 
 
 def test_hub_cache_precedence_follows_huggingface_hub() -> None:
