@@ -12,9 +12,7 @@ staged into the bucket, so the next pod finds it there.
 from __future__ import annotations
 
 import errno
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +42,6 @@ from agent.verify import audit_cache
 # What "the bucket cannot deliver" means. Credentials, a missing bucket or a full disk are not in it:
 # those are the operator's to fix, and the Hub would not help with a full disk.
 BUCKET_CANNOT_DELIVER = (NotAvailableError, VerificationError, UnsafePathError)
-OFFLINE_VALUES = {"1", "on", "yes", "true"}  # what huggingface_hub itself takes for "set"
 
 
 @dataclass
@@ -52,11 +49,6 @@ class FallbackResult(PullResult):
     """A pull's result plus why the Hub was used (empty when the bucket delivered)."""
 
     fallback_reason: str = ""
-
-
-def hub_offline(env: Mapping[str, str]) -> bool:
-    """HF_HUB_OFFLINE in the agent's own environment forbids the fallback (it would not run anyway)."""
-    return env.get("HF_HUB_OFFLINE", "").strip().lower() in OFFLINE_VALUES
 
 
 def try_bucket(settings: Settings, opts: PullOptions, out: Output) -> PullResult | AgentError:
@@ -80,12 +72,13 @@ def try_bucket(settings: Settings, opts: PullOptions, out: Output) -> PullResult
         return error
 
 
-def fallback_refusal(allow_fallback: bool, env: Mapping[str, str]) -> str | None:
-    """Why the Hub may not be used, or None when it may."""
+def fallback_refusal(allow_fallback: bool, settings: Settings) -> str | None:
+    """Why the Hub may not be used, or None when it may. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) in the
+    agent's own environment forbids it: huggingface_hub would not go online anyway."""
     if not allow_fallback:
         return "the Hub fallback is off (--no-fallback)"
-    if hub_offline(env):
-        return "the Hub fallback is off (HF_HUB_OFFLINE is set in the agent's environment)"
+    if settings.hub_offline:
+        return f"the Hub fallback is off ({settings.hub_offline} is set in the agent's environment)"
     return None
 
 
@@ -98,13 +91,12 @@ def explained(cause: AgentError, refusal: str) -> AgentError:
 
 
 def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, allow_fallback: bool,
-                       write_back: bool, env: Mapping[str, str] | None = None) -> PullResult:
+                       write_back: bool) -> PullResult:
     """Fill the cache from the bucket, else from the Hub; the result says which and why.
 
     Without the fallback the bucket's own error is raised (exit 3 not available, 4 verification; with
     storage off, 3: the model is not in the cache). A Hub failure is exit 3 naming both causes.
     """
-    env = os.environ if env is None else env
     outcome = try_bucket(settings, opts, out)  # 1. the bucket first, always
     if isinstance(outcome, PullResult):
         return outcome
@@ -115,7 +107,7 @@ def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, al
     if isinstance(cause, ReadOnlyCacheError):
         raise cause  # the Hub could not write there either
     cache = RepoCache(settings.hub_cache, opts.repo_id)
-    refusal = fallback_refusal(allow_fallback, env)  # 3. may we use the Hub?
+    refusal = fallback_refusal(allow_fallback, settings)  # 3. may we use the Hub?
     if refusal is not None:
         if not settings.storage_enabled:  # a valid setup (a pre-filled volume) whose cache lacks the model
             raise NotAvailableError(

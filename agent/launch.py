@@ -15,13 +15,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from agent.errors import LaunchError
-from agent.settings import Settings
+from agent.settings import STORAGE_SECRETS, Settings
 
 DEFAULT_VLLM_BIN = "vllm"
-VLLM_BIN_ENV = "SIMSWARM_VLLM_BIN"
-# vLLM needs none of these; the object-storage keys must not outlive the pull in the serving process.
-SECRETS_DROPPED = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_SESSION_TOKEN")
 # Older spellings of the cache location that would otherwise disagree with the cache we filled.
 STALE_CACHE_VARS = ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE")
 SECRET_FLAGS = ("--api-key",)  # vLLM flags whose value must not reach a log
@@ -64,17 +60,18 @@ def vllm_argv(model: str, vllm_args: Sequence[str], *, vllm_bin: str = DEFAULT_V
 
 def vllm_env(base: Mapping[str, str], settings: Settings) -> dict[str, str]:
     """The agent's environment, offline, pointed at the filled cache, without the storage secrets."""
-    env = {k: v for k, v in base.items() if k not in SECRETS_DROPPED and k not in STALE_CACHE_VARS}
+    env = {k: v for k, v in base.items() if k not in STORAGE_SECRETS and k not in STALE_CACHE_VARS}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_HOME"] = str(settings.hf_home)
     env["HF_HUB_CACHE"] = str(settings.hub_cache)
     return env
 
 
-def resolve_vllm_bin(flag: str | None, env: Mapping[str, str]) -> str:
-    """--vllm-bin, else $SIMSWARM_VLLM_BIN, else `vllm`, looked up on PATH; LaunchError when missing."""
-    name = flag or env.get(VLLM_BIN_ENV, "").strip() or DEFAULT_VLLM_BIN
-    found = shutil.which(name, path=env.get("PATH", os.defpath))
+def resolve_vllm_bin(flag: str | None, settings: Settings, path: str | None = None) -> str:
+    """--vllm-bin, else $SIMSWARM_VLLM_BIN, else `vllm`, looked up on `path` (default: $PATH);
+    LaunchError when missing."""
+    name = flag or settings.vllm_bin or DEFAULT_VLLM_BIN
+    found = shutil.which(name, path=path)
     if found is None:
         where = "an executable file" if os.sep in name else "on PATH"
         raise LaunchError(f"the vLLM executable {name!r} is not {where}")

@@ -1,7 +1,9 @@
 """Every environment variable the agent reads (README "Configuration"), read once into a frozen, checked
 object.
 
-Tests redirect everything by building `Settings.from_env({...})` with their own mapping.
+Tests redirect everything by building `Settings.from_env({...})` with their own mapping. Read by the
+libraries, not here: the proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, through
+`urllib.request.getproxies` in agent/transport.py) and `PATH` (where `vllm` and `s5cmd` are found).
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ MODELS_PREFIX = "models/hf-cache/"
 SIM_DATA_PREFIX = "sim-data/"
 DEFAULT_REGION = "us-east-1"
 KIB = 1 << 10
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})  # huggingface_hub's ENV_VARS_TRUE_VALUES, any case
+# huggingface_hub's order: HF_HUB_OFFLINE when it is set, else TRANSFORMERS_OFFLINE decides.
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+VLLM_BIN_ENV = "SIMSWARM_VLLM_BIN"
+# The object-storage keys, in our spelling and the AWS SDKs': no child process starts with them (vLLM
+# needs none; s5cmd is handed the agent's own keys explicitly), so they cannot outlive the pull.
+STORAGE_SECRETS = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 def _is_true(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+    return (value or "").strip().lower() in TRUE_VALUES
 
 
 def _clean(value: str | None) -> str | None:
@@ -110,6 +120,16 @@ def hf_home_from_env(env: Mapping[str, str]) -> Path:
     return Path(xdg) / "huggingface"
 
 
+def offline_from_env(env: Mapping[str, str]) -> str | None:
+    """The variable that takes the Hub offline (HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE, as
+    huggingface_hub reads them: the first one set decides), or None when the Hub may be used."""
+    for name in OFFLINE_ENV:
+        value = _clean(env.get(name))
+        if value is not None:
+            return name if _is_true(value) else None
+    return None
+
+
 def hub_cache_from_env(env: Mapping[str, str]) -> Path:
     """HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub (huggingface_hub's precedence)."""
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
@@ -134,6 +154,8 @@ class Settings:
     hf_endpoint: str | None
     region: str = DEFAULT_REGION
     deadlines: Deadlines = field(default_factory=Deadlines)
+    hub_offline: str | None = None  # the variable that forbids the Hub (see `offline_from_env`), if any
+    vllm_bin: str | None = None  # $SIMSWARM_VLLM_BIN: the vLLM executable `serve` runs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -153,6 +175,8 @@ class Settings:
             hf_endpoint=_clean(env.get("HF_ENDPOINT")),
             region=_clean(env.get("MINIO_REGION")) or DEFAULT_REGION,
             deadlines=Deadlines.from_env(env),
+            hub_offline=offline_from_env(env),
+            vllm_bin=_clean(env.get(VLLM_BIN_ENV)),
         )
 
     @property

@@ -98,7 +98,7 @@ def load_format_for(args: argparse.Namespace, vllm_args: Sequence[str]) -> str |
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     vllm_args = parse_after_model(args)
     settings = settings.with_hf_home(args.hf_home)
-    vllm_bin = resolve_vllm_bin(args.vllm_bin, os.environ)  # before the pull: fail in seconds, not minutes
+    vllm_bin = resolve_vllm_bin(args.vllm_bin, settings)  # before the pull: fail in seconds, not minutes
     load_format = load_format_for(args, vllm_args)
     opts = options_from(args, settings, selection_from(args, load_format))
     result = pull_with_fallback(settings, opts, out, allow_fallback=not args.no_fallback,

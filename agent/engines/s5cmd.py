@@ -48,7 +48,7 @@ from agent.errors import (
     from_os_error,
 )
 from agent.redact import scrub_queries
-from agent.settings import Settings
+from agent.settings import STORAGE_SECRETS, Settings
 from agent.transport import Pace, TooSlow
 
 MIB = 1 << 20
@@ -58,11 +58,10 @@ POLL_SECONDS = 0.25
 STOP_GRACE_SECONDS = 2.0
 STALL_READ_TIMEOUTS = 4  # s5cmd retries a broken request itself; only a long silence is a stall
 MAX_STDERR_LINES = 50
-# Inherited variables that would change whom s5cmd signs as or where it connects, and secrets it has
-# no use for.
-DROPPED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-               "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "HF_TOKEN")
+# The storage secrets, the Hub token it has no use for, and inherited variables that would change whom
+# s5cmd signs as or where it connects.
+DROPPED_ENV = (*STORAGE_SECRETS, "HF_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION",
+               "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 DISK_FULL_MARKERS = ("no space left on device", "disk quota exceeded")
 LOCAL_MARKERS = {"too many open files": errno.EMFILE, "read-only file system": errno.EROFS,
                  "permission denied": errno.EACCES, "cannot allocate memory": errno.ENOMEM}

@@ -84,22 +84,27 @@ def executable(path: Path) -> Path:
     return path
 
 
+def resolve(flag: str | None, env: dict[str, str]) -> str:
+    """The executable `serve` would run with this environment (its settings and its PATH)."""
+    return resolve_vllm_bin(flag, settings_for(env), env["PATH"])
+
+
 def test_vllm_bin_flag_then_environment_then_path(tmp_path: Path) -> None:
     vllm = executable(tmp_path / "vllm")
     other = executable(tmp_path / "other-vllm")
     env = {"PATH": str(tmp_path)}
-    assert resolve_vllm_bin(None, env) == str(vllm)
-    assert resolve_vllm_bin(None, {**env, "SIMSWARM_VLLM_BIN": "other-vllm"}) == str(other)
-    assert resolve_vllm_bin(str(other), {**env, "SIMSWARM_VLLM_BIN": "nope"}) == str(other)
+    assert resolve(None, env) == str(vllm)
+    assert resolve(None, {**env, "SIMSWARM_VLLM_BIN": "other-vllm"}) == str(other)
+    assert resolve(str(other), {**env, "SIMSWARM_VLLM_BIN": "nope"}) == str(other)
 
 
 def test_missing_vllm_is_a_one_line_usage_error(tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as info:
-        resolve_vllm_bin(None, {"PATH": str(tmp_path)})
+        resolve(None, {"PATH": str(tmp_path)})
     assert info.value.exit_code == EXIT_USAGE
     assert "\n" not in info.value.one_line() and "'vllm'" in info.value.one_line()
     with pytest.raises(LaunchError):
-        resolve_vllm_bin(str(tmp_path / "absent"), {"PATH": os.defpath})
+        resolve(str(tmp_path / "absent"), {"PATH": os.defpath})
 
 
 def test_api_key_never_reaches_the_log() -> None:

@@ -50,6 +50,44 @@ def test_secrets_never_in_repr() -> None:
     assert "s3cr3t-value" not in repr(s) and "hf_tok" not in repr(s)
 
 
+@pytest.mark.parametrize(("env", "offline"), [
+    ({}, None),
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+    ({"HF_HUB_OFFLINE": " True "}, "HF_HUB_OFFLINE"),
+    ({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE"),  # huggingface_hub takes it for offline too
+    ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, None),  # the first one set decides, as there
+    ({"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "ON"}, "TRANSFORMERS_OFFLINE"),
+    ({"TRANSFORMERS_OFFLINE": "off"}, None),
+])
+def test_hub_offline_reads_both_variables_as_huggingface_hub_does(env: dict[str, str],
+                                                                  offline: str | None) -> None:
+    assert Settings.from_env(env).hub_offline == offline
+
+
+def test_transformers_offline_forbids_the_hub_fallback_and_names_itself() -> None:
+    from agent.fallback import fallback_refusal
+
+    refusal = fallback_refusal(True, Settings.from_env({"TRANSFORMERS_OFFLINE": "1"}))
+    assert refusal is not None and "TRANSFORMERS_OFFLINE" in refusal
+    assert fallback_refusal(True, Settings.from_env({})) is None
+
+
+def test_no_child_process_keeps_the_storage_secrets() -> None:
+    from agent.engines.s5cmd import child_env
+    from agent.launch import vllm_env
+
+    base = {"PATH": "/usr/bin", "MINIO_ENDPOINT": "h:1", "MINIO_ACCESS_KEY": "ak", "MINIO_SECRET_KEY": "sk",
+            "AWS_ACCESS_KEY_ID": "aws-ak", "AWS_SECRET_ACCESS_KEY": "aws-sk", "AWS_SESSION_TOKEN": "tok",
+            "AWS_SECURITY_TOKEN": "old-tok"}
+    settings = Settings.from_env(base)
+    for env in (vllm_env(base, settings), child_env(settings, base)):
+        assert not {"aws-ak", "aws-sk", "tok", "old-tok"} & set(env.values())
+        assert "MINIO_ACCESS_KEY" not in env and "MINIO_SECRET_KEY" not in env and env["PATH"] == "/usr/bin"
+    assert not {"ak", "sk"} & set(vllm_env(base, settings).values())
+    s5cmd = child_env(settings, base)  # s5cmd gets the agent's own keys, and only those
+    assert (s5cmd["AWS_ACCESS_KEY_ID"], s5cmd["AWS_SECRET_ACCESS_KEY"]) == ("ak", "sk")
+
+
 def test_require_storage_explains_itself() -> None:
     with pytest.raises(ConfigError, match="MINIO_ENDPOINT"):
         Settings.from_env({}).require_storage()
