@@ -21,11 +21,17 @@ from pathlib import Path, PurePosixPath
 
 from agent.errors import UnsafePathError, UsageError
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# The names of the cache: a commit and a git blob id are 40 hex (sha1), an LFS blob 64 hex (sha256).
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+COMMIT_RE = SHA1_RE
 BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 REPO_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PART_SUFFIX = ".simswarm.part"
 STATE_SUFFIX = ".simswarm.json"
+LINK_SUFFIX = ".simswarm-link"
+# Files not done yet: ours, huggingface_hub's (`.incomplete`, `.lock`), atomic-write leftovers (`.tmp`).
+TEMPORARY_SUFFIXES = (PART_SUFFIX, STATE_SUFFIX, ".incomplete", ".tmp", LINK_SUFFIX, ".lock")
 MAX_PATH_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
 FILE_MODE = 0o644
@@ -33,6 +39,32 @@ FILE_MODE = 0o644
 
 def is_commit(value: str) -> bool:
     return bool(COMMIT_RE.match(value))
+
+
+def git_blob_header(size: int) -> bytes:
+    """What git hashes before a file's bytes: a non-LFS blob is named sha1(header + bytes)."""
+    return b"blob %d\0" % size
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a cache path (its last component decides) names a file that is not done: a temporary
+    suffix, or a dotfile (atomic writes and link swaps start with a dot)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.endswith(TEMPORARY_SUFFIXES) or base.startswith(".")
+
+
+def partial_blob(name: str) -> str | None:
+    """The blob whose partial download (or its checkpoint) `name` under blobs/ is, else None."""
+    if not name.endswith((PART_SUFFIX, STATE_SUFFIX)):
+        return None
+    base = name.removesuffix(PART_SUFFIX).removesuffix(STATE_SUFFIX)
+    return base if BLOB_RE.match(base) else None
+
+
+def link_target(relpath: str, blob_name: str) -> str:
+    """The relative target of snapshots/<commit>/<relpath>: ../../blobs/<blob>, one more ../ per folder."""
+    depth = len(safe_relpath(relpath).parts) - 1
+    return "../" * (depth + 2) + f"blobs/{check_blob_name(blob_name)}"
 
 
 def check_blob_name(name: str) -> str:
@@ -167,14 +199,13 @@ class RepoCache:
             folder.mkdir(parents=True, exist_ok=True)
 
     def link(self, commit: str, relpath: str, blob_name: str) -> Path:
-        """Point snapshots/<commit>/<relpath> at ../../blobs/<blob> (one more ../ per nested folder)."""
+        """Point snapshots/<commit>/<relpath> at its blob, by the relative `link_target`."""
         dest = self.snapshot_file(commit, relpath)
-        depth = len(safe_relpath(relpath).parts) - 1
-        target = "../" * (depth + 2) + f"blobs/{check_blob_name(blob_name)}"
+        target = link_target(relpath, blob_name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink() and os.readlink(dest) == target:
             return dest
-        tmp = dest.parent / f".{dest.name}.simswarm-link"
+        tmp = dest.parent / f".{dest.name}{LINK_SUFFIX}"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(target, tmp)

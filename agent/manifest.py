@@ -26,23 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.cache import BLOB_RE, safe_relpath
+from agent.cache import BLOB_RE, SHA1_RE, SHA256_RE, git_blob_header, safe_relpath
 from agent.errors import ManifestError, UnsafePathError
 
 FORMAT_VERSION = 1
 DEFAULT_PART_SIZE = 16 << 20
-HEX40 = re.compile(r"^[0-9a-f]{40}$")
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_FILES = 100_000
 
 
 def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return hashlib.sha1(git_blob_header(len(data)) + data).hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -71,9 +68,9 @@ class FileEntry:
     @classmethod
     def for_blob(cls, blob_name: str, size: int) -> FileEntry:
         """The entry a blob's own name implies: 64 hex is an LFS sha256, 40 hex a git blob sha1."""
-        if HEX64.match(blob_name):
+        if SHA256_RE.match(blob_name):
             return cls(size, git_blob_sha1(lfs_pointer(blob_name, size)), blob_name, size)
-        if HEX40.match(blob_name):
+        if SHA1_RE.match(blob_name):
             return cls(size, blob_name)
         raise ManifestError(f"blob name is neither 40 nor 64 hex: {blob_name[:80]!r}")
 
@@ -103,10 +100,10 @@ def _entry(path: str, info: Any) -> FileEntry:
     lfs_sha, lfs_size = info.get("lfs_sha256"), info.get("lfs_size")
     if type(size) is not int or size < 0:
         raise ManifestError(f"manifest entry for {path!r} has no valid size")
-    if not isinstance(blob_id, str) or not HEX40.match(blob_id):
+    if not isinstance(blob_id, str) or not SHA1_RE.match(blob_id):
         raise ManifestError(f"manifest entry for {path!r} has no valid blob_id")
     if lfs_sha is not None:
-        if not isinstance(lfs_sha, str) or not HEX64.match(lfs_sha):
+        if not isinstance(lfs_sha, str) or not SHA256_RE.match(lfs_sha):
             raise ManifestError(f"manifest entry for {path!r} has a malformed lfs_sha256")
         if lfs_size != size:
             raise ManifestError(f"manifest entry for {path!r}: lfs_size {lfs_size!r} != size {size}")
@@ -196,7 +193,7 @@ class Sidecar:
     def is_bound(self, blob_name: str, size: int) -> bool:
         """True when the part digests were computed from bytes that hash to the blob's own name."""
         whole = self.wholes.get(blob_name, {})
-        named_by = "sha256" if HEX64.match(blob_name) else "git_sha1"
+        named_by = "sha256" if SHA256_RE.match(blob_name) else "git_sha1"
         return whole.get(named_by) == blob_name and self.digests_for(blob_name, size) is not None
 
     def to_json(self, sizes: Mapping[str, int]) -> bytes:
@@ -233,7 +230,7 @@ def parse_sidecar(data: bytes) -> Sidecar:
         digests = info.get("parts") if isinstance(info, dict) else None
         if not BLOB_RE.match(str(name)) or not isinstance(digests, list):
             raise ManifestError(f"part sidecar entry {str(name)[:80]!r} is malformed")
-        if not all(isinstance(d, str) and HEX64.match(d) for d in digests):
+        if not all(isinstance(d, str) and SHA256_RE.match(d) for d in digests):
             raise ManifestError(f"part sidecar entry {name[:12]} has a malformed digest")
         parts[name] = tuple(digests)
         whole = _whole_digests(name, info)
@@ -244,7 +241,7 @@ def parse_sidecar(data: bytes) -> Sidecar:
 
 def _whole_digests(name: str, info: dict[str, Any]) -> dict[str, str]:
     found = {}
-    for key, pattern in (("sha256", HEX64), ("git_sha1", HEX40)):
+    for key, pattern in (("sha256", SHA256_RE), ("git_sha1", SHA1_RE)):
         value = info.get(key)
         if value is not None:
             if not isinstance(value, str) or not pattern.match(value):

@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.audit import BlobCheck
 from agent.cache import RepoCache
 from agent.errors import ReadOnlyCacheError
 from agent.manifest import FileEntry, Manifest
-from agent.verify import BlobCheck, audit_cache, check_content
+from agent.verify import audit_cache, check_content
 
 
 def cache_writable(cache: RepoCache) -> bool:

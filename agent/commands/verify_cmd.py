@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.audit import Problem
 from agent.cache import RepoCache, check_repo_id, check_revision, is_commit
 from agent.errors import ManifestError, NotAvailableError, VerificationError
 from agent.manifest import FileEntry, Manifest, parse_manifest
@@ -21,7 +22,7 @@ from agent.remote import RemoteRepo
 from agent.s3read import open_reader
 from agent.settings import Settings
 from agent.subset import read_record
-from agent.verify import Problem, audit_cache
+from agent.verify import audit_cache
 
 
 def add_parser(sub: Any) -> None:

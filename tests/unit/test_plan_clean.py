@@ -358,6 +358,38 @@ def test_audit_names_every_problem_once(cache: RepoCache) -> None:
     assert any(str(p).endswith("missing blob") for p in audit_cache(cache, COMMIT, MANIFEST, "main"))
 
 
+def test_what_verify_reports_the_clean_up_and_the_pulls_writes_repair(cache: RepoCache) -> None:
+    """One audit: after the clean-up, and the writes a pull makes after it (missing blobs, links, ref,
+    tree), nothing `verify` reported remains."""
+    build_complete(cache)
+    build_complete(cache, OLD_COMMIT)
+    snap = cache.snapshot_dir(COMMIT)
+    os.truncate(cache.blob_path(W.blob_name), 10)  # a bad blob
+    (snap / "config.json").unlink()
+    os.symlink(f"../../blobs/{P.blob_name}", snap / "config.json")  # a wrong link
+    (snap / "original" / "params.json").unlink()
+    os.symlink(str(cache.blob_path(P.blob_name)), snap / "original" / "params.json")  # absolute, not relative
+    (snap / "stray.txt").write_text("")
+    (snap / ".config.json.simswarm-link").write_text("")
+    (cache.blobs / ("e" * 64 + PART_SUFFIX)).write_bytes(b"partial of a blob no longer wanted")
+    (cache.blobs / "x.incomplete").write_text("")
+    cache.ref_path("main").write_text(COMMIT + "\n")
+    (cache.refs / ".main.abc.tmp").write_text(COMMIT)  # an atomic write's leftover holding a good commit
+    os.mkfifo(cache.refs / "pipe")
+    (cache.snapshots / "not-a-commit").write_text("")
+    before = [str(p) for p in audit_cache(cache, COMMIT, MANIFEST, "main")]
+    assert len(before) == 10, before
+    report = clean_stale(cache, COMMIT, MANIFEST, full=True, keep_partials=set(), revision="main")
+    for name, data in CONTENT.items():  # what the pull fetches, links and writes next
+        if name not in report.valid_blobs:
+            cache.blob_path(name).write_bytes(data)
+    for path, entry in MANIFEST.files.items():
+        cache.link(COMMIT, path, entry.blob_name)
+    cache.write_ref("main", COMMIT)
+    cache.write_tree(COMMIT, MANIFEST.to_json())
+    assert audit_cache(cache, COMMIT, MANIFEST, "main") == []
+
+
 # -- transfer errors ------------------------------------------------------------------------------------
 
 
