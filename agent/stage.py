@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cache import RepoCache, check_revision, is_commit
+from agent.cache import SHA256_RE, RepoCache, check_revision, is_commit
 from agent.errors import NotFoundError, VerificationError
-from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest, Sidecar, check_consistent, lfs_pointer
-from agent.manifest import git_blob_sha1 as _git_sha1
+from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest, Sidecar, check_consistent
 from agent.output import Output, Progress, human_bytes
 from agent.remote import RemoteRepo
 from agent.verify import BlobDigests, digest_blob
@@ -57,13 +56,11 @@ def local_blob(cache: RepoCache, relpath: str, path: Path) -> tuple[str, Path]:
 
 def entry_for(name: str, relpath: str, digests: BlobDigests) -> FileEntry:
     """The manifest entry, after checking the bytes really are the blob their name claims."""
-    if len(name) == 64:
-        if digests.sha256 != name:
-            raise VerificationError(f"{relpath}: local bytes do not match blob {name[:12]} (sha256)")
-        return FileEntry(digests.size, _git_sha1(lfs_pointer(name, digests.size)), name, digests.size)
-    if digests.git_sha1 != name:
-        raise VerificationError(f"{relpath}: local bytes do not match blob {name[:12]} (git sha1)")
-    return FileEntry(digests.size, name)
+    lfs = bool(SHA256_RE.match(name))
+    if (digests.sha256 if lfs else digests.git_sha1) != name:
+        raise VerificationError(f"{relpath}: local bytes do not match blob {name[:12]} "
+                                f"({'sha256' if lfs else 'git sha1'})")
+    return FileEntry.for_blob(name, digests.size)
 
 
 def scan_local(cache: RepoCache, commit: str, part_size: int,
