@@ -83,17 +83,18 @@ def problems(findings: Iterable[Finding]) -> list[Problem]:
 
 
 def audit_folder(cache: RepoCache, commit: str, manifest: Manifest, revision: str | None, *,
-                 check: BlobCheck, trees: bool = True) -> list[Finding]:
+                 check: BlobCheck, trees: bool = True, others: bool = True) -> list[Finding]:
     """Every entry of one model's folder, classified against the requested commit's manifest, in the
     order `verify` lists problems: refs, the snapshot, blobs, the tree. `check` judges each blob of the
     manifest; `revision` None skips what only a named revision can tell (its missing or moved ref);
-    `trees` False skips the tree file (the pull rewrites it anyway)."""
+    `trees` False skips the tree file (the pull rewrites it anyway); `others` False skips the entries
+    of other commits' snapshots (none of them is a problem of this one)."""
     if not cache.repo_dir.is_dir() or cache.repo_dir.is_symlink():
         return [Finding(Kind.MISSING_FOLDER, cache.repo_dir, cache.folder,
                         "model folder missing from the cache")]
     blobs = blob_findings(cache, manifest, check)
     present = {f.blob for f in blobs if f.blob and f.kind in (Kind.BLOB, Kind.BAD_BLOB, Kind.OTHER_BLOB)}
-    snapshots, live = snapshot_findings(cache, commit, manifest, present)
+    snapshots, live = snapshot_findings(cache, commit, manifest, present, others=others)
     found = ref_findings(cache, revision, commit, live) + snapshots + blobs
     return found + tree_findings(cache, commit, manifest) if trees else found
 
@@ -127,26 +128,27 @@ def blob_findings(cache: RepoCache, manifest: Manifest, check: BlobCheck) -> lis
     return found
 
 
-def snapshot_findings(cache: RepoCache, commit: str, manifest: Manifest,
-                      present: set[str]) -> tuple[list[Finding], set[str]]:
+def snapshot_findings(cache: RepoCache, commit: str, manifest: Manifest, present: set[str], *,
+                      others: bool = True) -> tuple[list[Finding], set[str]]:
     """The requested snapshot's entries (manifest paths, then strays), then what else lies under
-    snapshots/; and the commits that have a snapshot folder. `present`: blobs on disk as regular files."""
-    others: list[Finding] = []
+    snapshots/ (other commits' entries when `others`); and the commits that have a snapshot folder.
+    `present`: blobs on disk as regular files."""
+    rest: list[Finding] = []
     live: set[str] = set()
     if cache.snapshots.is_dir():
         for snap in sorted(cache.snapshots.iterdir()):
             if not snap.is_dir() or snap.is_symlink() or not is_commit(snap.name):
-                others.append(Finding(Kind.STALE_SNAPSHOT, snap, f"snapshots/{snap.name}"))
+                rest.append(Finding(Kind.STALE_SNAPSHOT, snap, f"snapshots/{snap.name}"))
                 continue
             live.add(snap.name)
-            if snap.name != commit:
-                others += [_other_entry(cache, path, present)
-                           for _, path in cache.snapshot_entries(snap.name)]
+            if others and snap.name != commit:
+                rest += [_other_entry(cache, f"snapshots/{snap.name}/{relpath}", path, present)
+                         for relpath, path in cache.snapshot_entries(snap.name)]
     if commit not in live:
         missing = Finding(Kind.MISSING_SNAPSHOT, cache.snapshot_dir(commit), f"snapshots/{commit}",
                           "missing snapshot folder")
-        return [missing, *others], live
-    return _requested_entries(cache, commit, manifest, present) + others, live
+        return [missing, *rest], live
+    return _requested_entries(cache, commit, manifest, present) + rest, live
 
 
 def _requested_entries(cache: RepoCache, commit: str, manifest: Manifest, present: set[str]) -> list[Finding]:
@@ -186,9 +188,8 @@ def _link(cache: RepoCache, path: Path, where: str, relpath: str, entry: FileEnt
     return Finding(kind, path, where, blob=blob)
 
 
-def _other_entry(cache: RepoCache, path: Path, present: set[str]) -> Finding:
+def _other_entry(cache: RepoCache, where: str, path: Path, present: set[str]) -> Finding:
     """An entry of another commit's snapshot: `verify` checks only the requested one."""
-    where = path.relative_to(cache.repo_dir).as_posix()
     if not path.is_symlink():
         return Finding(Kind.OTHER_FILE, path, where)
     blob = cache.link_target_blob(path)

@@ -62,9 +62,9 @@ def partial_blob(name: str) -> str | None:
 
 
 def link_target(relpath: str, blob_name: str) -> str:
-    """The relative target of snapshots/<commit>/<relpath>: ../../blobs/<blob>, one more ../ per folder."""
-    depth = len(safe_relpath(relpath).parts) - 1
-    return "../" * (depth + 2) + f"blobs/{check_blob_name(blob_name)}"
+    """The relative target of snapshots/<commit>/<relpath>: ../../blobs/<blob>, one more ../ per folder.
+    `relpath` is a checked one (`safe_relpath`): each "/" is one folder deeper."""
+    return "../" * (relpath.count("/") + 2) + f"blobs/{check_blob_name(blob_name)}"
 
 
 def check_blob_name(name: str) -> str:

@@ -146,4 +146,4 @@ def audit_cache(cache: RepoCache, commit: str, manifest: Manifest, revision: str
     """Every problem of one snapshot in the local cache, each once; empty when the cache is complete.
     `check` judges each blob's bytes (default: size and full hash; `agent.ready` trusts stamps). The
     findings are agent.audit's, the same the pull's clean-up repairs."""
-    return problems(audit_folder(cache, commit, manifest, revision, check=check))
+    return problems(audit_folder(cache, commit, manifest, revision, check=check, others=False))
