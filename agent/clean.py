@@ -120,6 +120,8 @@ def adopt_copies(cache: RepoCache, commit: str, findings: list[Finding], full: b
                 cache.remember_verified(entry.blob_name)
         else:
             _unlink(path, report, cache)
+
+
 def repair_snapshots(cache: RepoCache, findings: list[Finding], present: set[str],
                      report: CleanReport) -> set[str]:
     """Drop what is not a snapshot, strays, wrong links and links whose blob is not `present` after the
