@@ -80,7 +80,7 @@ class Fetch:
                 for name, key in keys.items()}
         self.cache.ensure_dirs()
         finisher = Finisher(self.cache, plan, self.engine, policy)
-        jobs = [finisher.job(j) for j in blob_jobs(self.cache, plan, urls, keys)]
+        jobs = [finisher.job(j) for j in blob_jobs(self.cache, plan, urls, keys, self.engine.writes_in_place)]
         progress = Progress(self.out, plan.bytes_to_fetch)
         try:
             finisher.start_ready()
@@ -154,11 +154,15 @@ def preallocate(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def blob_jobs(cache: RepoCache, plan: Plan, urls: dict[str, str], keys: dict[str, str]) -> list[BlobJob]:
+def blob_jobs(cache: RepoCache, plan: Plan, urls: dict[str, str], keys: dict[str, str],
+              in_place: bool = True) -> list[BlobJob]:
+    """One job per planned blob, its partial file preallocated for an engine that writes parts in place;
+    for one that writes whole objects beside it (s5cmd) the file is left empty, so the disk never holds a
+    blob twice."""
     jobs = []
     for blob in plan.to_fetch:
         path = cache.part_path(blob.name)
-        preallocate(path, blob.entry.size)
+        preallocate(path, blob.entry.size if in_place else 0)
         jobs.append(BlobJob(blob.name, keys[blob.name], urls[blob.name], blob.entry.size, path,
                             tuple(blob.missing)))
     return jobs

@@ -13,9 +13,9 @@ What engines differ in is said by their class attributes, so the orchestration a
   The s5cmd engine does not: it reads `job.key` from the bucket with the credentials of the settings it
   was built from, so no URL is signed for it (`url` is empty);
 - `writes_in_place`: parts are written at their offsets into the preallocated file (native, python).
-  The s5cmd engine instead truncates it (the disk must not hold each blob twice), lets s5cmd write the
-  whole object beside it, and renames that over `temp_path`, which thus holds either the preallocated
-  file or the complete object;
+  For the s5cmd engine the orchestration leaves the file empty instead (the disk must not hold each
+  blob twice): s5cmd writes the whole object beside it and renames that over `temp_path`, which thus
+  holds either an empty file or the complete object;
 - `checks_parts`: part digests are checked as the bytes arrive (native, python; s5cmd fetches whole
   objects with no part digests, so the orchestration hashes its blobs whole);
 - `hashes_blobs`: the engine computes a job's `whole` digest itself, in the stream, and reports the

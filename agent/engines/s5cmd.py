@@ -4,8 +4,8 @@ s5cmd cannot write parts at offsets into our preallocated files, so each job's w
 one `cp` line per job in a commands file, `--numworkers` objects at a time, each object in `-c`
 concurrent ranged GETs. s5cmd downloads into its own temporary file next to the destination
 (`<temp_path><random digits>`) and renames it over the destination when complete, so `temp_path` only
-ever holds the preallocated file or the whole object. The preallocation is truncated first: otherwise the
-disk would hold each blob twice while s5cmd writes its copy (check_disk counted the preallocated blocks).
+ever holds an empty file or the whole object. As the engine says (`writes_in_place = False`), the
+orchestration leaves `temp_path` empty rather than preallocated: the disk never holds a blob twice.
 
 Completion is read from s5cmd's `--json` stdout, one line per finished object; between lines, the
 growth of s5cmd's temporary files feeds the progress bar, and a long silence (s5cmd has no read timeout)
@@ -289,7 +289,7 @@ class S5cmdEngine:
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         try:
             self._fetch(jobs, config, progress, on_part_done)
-        except OSError as exc:  # the commands file, the truncation, or starting s5cmd (out of files)
+        except OSError as exc:  # the commands file, or starting s5cmd (out of files)
             raise from_os_error(exc, "s5cmd engine") from None
 
     def _fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
@@ -310,9 +310,6 @@ class S5cmdEngine:
             anonymous = not (settings.access_key and settings.secret_key)
             self.last_argv = build_argv(executable, endpoint, workers, config.retry.max_retries, commands,
                                         anonymous=anonymous)
-            for job in jobs:
-                # Free the preallocated blocks: s5cmd writes a copy of its own and renames it over this.
-                os.truncate(job.temp_path, 0)
             self._run(jobs, settings, config, progress, on_part_done)
 
     def _run(self, jobs: Sequence[BlobJob], settings: Settings, config: TransferConfig, progress: ProgressFn,
