@@ -10,7 +10,6 @@ parent handles the signal and terminates them, so an interrupted pull unwinds in
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import multiprocessing
@@ -235,9 +234,7 @@ class PythonEngine:
                 interrupted = True
                 raise
             finally:
-                _stop(executor)
-                if interrupted:  # the agent is about to exit: leave no process of ours behind
-                    _stop_helpers()
+                _stop(executor, kill=interrupted)
         except BrokenProcessPool as exc:  # a worker vanished: the OOM killer is the usual cause
             raise ResourceLimitError(f"a download worker process died ({exc})",
                                      hint="the pod may be short of memory: raise its limit, lower "
@@ -260,30 +257,15 @@ class PythonEngine:
                 on_part_done(job, part)
 
 
-def _stop(executor: ProcessPoolExecutor) -> None:
-    """Cancel what has not started and terminate workers at once (an interrupted pull must be prompt).
-    (SIGKILL would end a worker still inside a stall deadline sooner; with it, one loaded run of the
-    SIGTERM test ended on a stderr line that was not the agent's error line, cause not yet found.)"""
-    processes = list(getattr(executor, "_processes", {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
+def _stop(executor: ProcessPoolExecutor, kill: bool = False) -> None:
+    """Cancel what has not started and wait for the workers. `kill`: the pull was interrupted, so the
+    workers are killed at once (they ignore SIGTERM and SIGINT, which the agent handles for them; a
+    killed worker's part is simply not done, and its checkpointed bytes stay valid)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    if kill:
+        for proc in processes:
+            if proc.is_alive():
+                proc.kill()
+    executor.shutdown(wait=kill, cancel_futures=True)
     for proc in processes:
         proc.join(timeout=5)
-
-
-def _stop_helpers() -> None:
-    """Stop multiprocessing's forkserver and resource tracker and wait for them. Left alone they exit
-    once the agent has (their pipe from it closes), but for a moment after the agent is gone they are
-    still in the pod's process group, holding its stderr: a supervisor that waits for the group, or for
-    the log pipe, sees processes of a pull that has ended. `_stop` is what CPython's own tests use to do
-    this (no public call exists); without it they are left to exit on their own, as before."""
-    from multiprocessing import forkserver, resource_tracker
-
-    helpers = (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None))
-    for helper in helpers:
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            with contextlib.suppress(OSError, ChildProcessError):
-                stop()

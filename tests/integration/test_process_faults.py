@@ -121,12 +121,16 @@ def parts_done(cache: RepoCache) -> int:
 
 
 def live_group_members(pgid: int) -> list[str]:
+    """The group's processes that could still write. One with no command line is past releasing its
+    memory on the way out (multiprocessing's forkserver and resource tracker end once the agent has,
+    and may be caught there a moment after it): it can write nothing more."""
     import psutil
 
     found = []
     for process in psutil.process_iter(["pid", "status", "cmdline"]):
         try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+            exiting = process.info["status"] == psutil.STATUS_ZOMBIE or not process.info["cmdline"]
+            if os.getpgid(process.pid) == pgid and not exiting:
                 found.append(" ".join(process.info["cmdline"] or []))
         except (ProcessLookupError, psutil.Error):
             continue
