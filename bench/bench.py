@@ -48,15 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.demo.model import generate_model  # noqa: E402
+from agent.demo.seaweed import REGION, SeaweedServer  # noqa: E402
+from agent.demo.seed import fake_commit, seed_cache  # noqa: E402
 from agent.engines.s5cmd import find_s5cmd  # noqa: E402
 from agent.output import Output  # noqa: E402
 from agent.remote import RemoteRepo  # noqa: E402
 from agent.settings import MODELS_PREFIX, Settings  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
-from agent.testbed.seaweed import REGION, SeaweedServer  # noqa: E402
-from agent.testbed.seed import fake_commit, seed_cache  # noqa: E402
 
 REPO_ID = "simswarm-bench/llama"
 COMPACT_BUCKET = "simswarm"

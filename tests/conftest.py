@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.demo.model import generate_model  # noqa: E402
+from agent.demo.seaweed import SeaweedServer  # noqa: E402
 from agent.manifest import Manifest  # noqa: E402
 from agent.settings import DEFAULT_BUCKET, Settings  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
-from agent.testbed.seaweed import SeaweedServer  # noqa: E402
 from tests.support.fake_hub import FakeHub, read_tree  # noqa: E402
 from tests.support.hf_cache import build_hf_cache  # noqa: E402
 from tests.support.staged import bucket_manifest, quiet, stage  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
 from tests.support.cli import clean_env, run_agent
 from tests.support.mounts import tmpfs
 

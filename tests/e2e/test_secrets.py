@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
 from tests.support.cli import clean_env, start_agent
 from tests.support.fault_server import FaultProxy
 

@@ -18,9 +18,9 @@ import pytest
 import urllib3
 
 from agent.artifacts import SIM_DATA_FILES, SimDataStorage
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import EXIT_NOT_AVAILABLE, EXIT_USAGE, NotFoundError
 from agent.settings import Settings
-from agent.testbed.seaweed import SeaweedServer
 from tests.support.cli import clean_env, run_agent
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))

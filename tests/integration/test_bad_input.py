@@ -26,13 +26,13 @@ import pytest
 from botocore.exceptions import ClientError
 
 from agent.cache import BLOB_RE, RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import AgentError, ManifestError, UnsafePathError, VerificationError
 from agent.manifest import Manifest, parse_manifest
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
 from agent.store import ObjectInfo, Store
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import audit_cache, check_content
 from tests.support.hf_cache import assert_clean_cache
 from tests.support.staged import PART, quiet

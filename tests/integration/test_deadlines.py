@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
 from tests.support.cli import clean_env, run_agent
 from tests.support.fake_hub import FakeHub
 from tests.support.fault_server import FaultProxy

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.remote import RemoteRepo
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
 from tests.support.cli import hub_agent_env, run_agent
 from tests.support.fake_hub import FakeHub
 from tests.support.hf_cache import assert_clean_cache, resolve_offline

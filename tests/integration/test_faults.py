@@ -22,13 +22,13 @@ import pytest
 import agent.fetch
 import agent.pull
 from agent.cache import RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.engines.base import TransferConfig
 from agent.errors import AgentError, ConfigError, CredentialsError
 from agent.manifest import Manifest
 from agent.policy import RetryPolicy
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.settings import Deadlines, Settings
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import audit_cache
 from tests.support.cli import clean_env, run_agent
 from tests.support.fault_server import FaultProxy

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.remote import RemoteRepo
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 from bench.many_pods import REPO_ID, Phase, pod_env, run_phase
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache

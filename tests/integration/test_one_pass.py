@@ -24,6 +24,8 @@ from typing import NamedTuple
 import pytest
 
 from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.errors import VerificationError
 from agent.manifest import DEFAULT_PART_SIZE, Manifest
 from agent.pull import PullOptions, PullResult, pull_from_store
@@ -31,8 +33,6 @@ from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 from agent.verify import audit_cache
 from tests.support.cli import clean_env, start_agent
 from tests.support.fault_server import FaultProxy

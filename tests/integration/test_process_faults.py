@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.manifest import Manifest
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import audit_cache
 from tests.support.cli import clean_env, kill_group, live_group_members, run_agent, start_agent
 from tests.support.fault_server import FaultProxy

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
 from tests.support.cli import clean_env, run_agent
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache

@@ -22,6 +22,8 @@ import pytest
 import agent.clean
 import agent.verify
 from agent.cache import BLOB_RE, PART_SUFFIX, STATE_SUFFIX, RepoCache
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import (
     DiskFullError,
     ManifestError,
@@ -34,8 +36,6 @@ from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import audit_cache
 from tests.support.cli import clean_env, kill_group, live_group_members, run_agent, start_agent
 from tests.support.fake_hub import FakeHub, read_tree
@@ -494,7 +494,7 @@ def test_pull_from_a_server_that_answers_ranges_with_200(
                                 "MINIO_SECRET_KEY": secret, "MINIO_BUCKET": "staged",
                                 "HF_HOME": str(tmp_path / "rclone-home")})
     # the quirk under test: a ranged GET answered 200 with a Content-Range header, not 206
-    from agent.testbed.seaweed import s3_client
+    from agent.demo.seaweed import s3_client
 
     some_blob = RemoteRepo(Store(rclone), repo_id).blob_key(max(staged.blobs()))
     answer = s3_client(endpoint, key, secret).get_object(Bucket="staged", Key=some_blob, Range="bytes=5-9")

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
+from agent.demo.model import generate_model
+from agent.demo.seed import fake_commit, seed_cache
 from agent.pull import PullOptions, pull_from_store
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seed import fake_commit, seed_cache
 from tests.support import cli
 from tests.support.cli import hub_agent_env
 from tests.support.fake_hub import FakeHub

@@ -21,6 +21,8 @@ import psutil
 import pytest
 from huggingface_hub import scan_cache_dir
 
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.engines import s5cmd as s5cmd_module
 from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.s5cmd import S5cmdEngine, classify, command_line, scrub
@@ -31,8 +33,6 @@ from agent.pull import PullOptions, pull_from_store
 from agent.settings import Deadlines, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 from tests.support.staged import quiet, s5cmd_upload
 
 REPO_ID = "simswarm-test/s5cmd-llama"

@@ -13,6 +13,8 @@ import pytest
 
 from agent.cache import RepoCache
 from agent.cli import main
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.shapes import generate_shape
 from agent.manifest import Manifest, parse_manifest
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
@@ -20,8 +22,6 @@ from agent.selection import Selection
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.shapes import generate_shape
 from tests.support.cli import hub_agent_env, run_agent
 from tests.support.fake_hub import FakeHub, read_tree
 from tests.support.fault_server import FaultProxy

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import NotFoundError, VerificationError
 from agent.manifest import parse_manifest, parse_sidecar
 from agent.remote import RemoteRepo, staged_models
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
 from tests.support.staged import quiet, s5cmd_upload
 
 PART = 1 << 16  # small parts so the tiny model's shards have several

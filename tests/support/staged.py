@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from agent.cache import BLOB_RE, RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.manifest import Manifest
 from agent.output import Output
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import StageResult, stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import check_content
 from tests.support.cli import clean_env
 
