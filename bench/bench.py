@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -536,15 +536,24 @@ def main(argv: list[str] | None = None) -> int:
                           "model_bytes": bed.model_bytes, "legacy_bytes": bed.legacy_bytes,
                           "workdir": str(args.workdir or tempfile.gettempdir()), "drop_caches": drop},
                "machine": info, "notes": notes, **summary, "table": table}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     out.event("bench.done", f"results written to {args.out}")
     return 0
 
 
-if __name__ == "__main__":
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_main(main: Callable[[], int], name: str) -> NoReturn:
+    """Exit with `main()`'s status; a BenchError is one line on stderr and exit 1."""
     try:
         sys.exit(main())
     except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main, "bench")

@@ -55,7 +55,9 @@ from bench import (  # noqa: E402
     Testbed,
     curl_method,
     machine_info,
+    run_main,
     s5cmd_binary,
+    write_results,
 )
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "regimes.json"
@@ -315,14 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n\n".join(tables)
     results["table"] = table
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"regimes: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "regimes")

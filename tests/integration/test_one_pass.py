@@ -37,7 +37,7 @@ from agent.verify import audit_cache
 from tests.support.cli import clean_env, start_agent
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache, resolve_offline
-from tests.support.staged import quiet
+from tests.support.staged import copy_legacy, quiet
 
 REPO = "simswarm-test/one-pass"
 PREFIX = f"{MODELS_PREFIX}models--simswarm-test--one-pass/"
@@ -73,12 +73,7 @@ def stage(store: Store, hub: Path, part_size: int = MIB) -> Manifest:
 def stage_legacy(store: Store, hub: Path, commit: str) -> Manifest:
     """What `s5cmd cp` of a cache made before 1.0 leaves: blobs, full snapshot copies, a ref, no trees/
     and no sidecar."""
-    cache = RepoCache(hub, REPO)
-    for blob in cache.blobs.iterdir():
-        store.put_bytes(PREFIX + f"blobs/{blob.name}", blob.read_bytes())
-    for relpath, path in cache.snapshot_entries(commit):
-        store.put_bytes(PREFIX + f"snapshots/{commit}/{relpath}", path.read_bytes())
-    store.put_bytes(PREFIX + "refs/main", commit.encode())
+    copy_legacy(store, hub, REPO, commit)
     snap = RemoteRepo(store, REPO).load()
     assert snap.form == "legacy" and snap.sidecar is None
     return snap.manifest

@@ -29,7 +29,7 @@ from agent.store import Store
 from tests.support import cli
 from tests.support.cli import hub_agent_env
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import assert_clean_cache, resolve_offline
+from tests.support.hf_cache import assert_clean_cache, resolve_offline, tree_state
 from tests.support.staged import quiet
 
 STUB = """#!{python}
@@ -57,16 +57,6 @@ def read_only(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], capture_output=True, check=False)
-
-
-def tree_state(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under root (links not followed) with its size and mtime: to prove nothing changed."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            state[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-    return state
 
 
 def run_agent(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,7 @@ from agent.demo.seaweed import SeaweedServer
 from agent.manifest import Manifest
 from agent.output import Output
 from agent.remote import RemoteRepo
+from agent.s3read import ObjectStore
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import StageResult, stage_from_cache
 from agent.store import Store
@@ -47,6 +48,18 @@ def s5cmd_upload(s3_server: SeaweedServer, cache_dir: Path, bucket: str) -> None
                            f"s3://{bucket}/{MODELS_PREFIX}"], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def copy_legacy(store: ObjectStore, hub_cache: Path, repo_id: str, commit: str) -> None:
+    """What `s5cmd cp` of a cache made before 1.0 leaves, written through the agent's own interface:
+    blobs, a full copy of every snapshot file, refs/main; no trees/ and no sidecar."""
+    remote = RemoteRepo(store, repo_id)
+    cache = RepoCache(hub_cache, repo_id)
+    for blob in cache.blobs.iterdir():
+        store.put_bytes(remote.blob_key(blob.name), blob.read_bytes())
+    for relpath, path in cache.snapshot_entries(commit):
+        store.put_bytes(remote.key("snapshots", commit, relpath), path.read_bytes())
+    store.put_bytes(remote.ref_key("main"), commit.encode())
 
 
 def bucket_manifest(settings: Settings, repo_id: str, revision: str = "main") -> Manifest:

@@ -59,10 +59,16 @@ def run(settings: Settings, store: FakeStore, *, allow: bool = True, env: dict[s
                               env=env or {}, reader=store, engine=engine or FakeEngine(store))
 
 
-def corrupt_for_good(store: FakeStore) -> None:
-    """Every read of one blob comes back damaged: the repair round cannot help."""
-    snap = RemoteRepo(store, REPO).load()
-    store.flip_reads[snap.sources[max(snap.manifest.blobs())]] = 1000
+def break_bucket(store: FakeStore, failure: str) -> None:
+    """`down`: every request fails; `not-staged`: the bucket is empty; `corrupt`: every read of one blob
+    comes back damaged, so the repair round cannot help."""
+    if failure == "down":
+        store.failure = DOWN
+    elif failure == "not-staged":
+        store.objects.clear()
+    else:
+        snap = RemoteRepo(store, REPO).load()
+        store.flip_reads[snap.sources[max(snap.manifest.blobs())]] = 1000
 
 
 # -- what the bucket's outcome is ---------------------------------------------------------------------
@@ -127,12 +133,7 @@ def test_the_bucket_delivering_never_asks_the_hub(pod: Settings, store: FakeStor
 @pytest.mark.parametrize("failure", ["down", "not-staged", "corrupt"])
 def test_a_bucket_that_cannot_deliver_sends_the_pull_to_the_hub_with_the_reason(
         failure: str, pod: Settings, store: FakeStore, hub: HubRecorder) -> None:
-    if failure == "down":
-        store.failure = DOWN
-    elif failure == "not-staged":
-        store.objects.clear()
-    else:
-        corrupt_for_good(store)
+    break_bucket(store, failure)
     result = run(pod, store)
     [(opts, reason, cause)] = hub.calls
     assert result.source == "hub" and opts.repo_id == REPO
@@ -150,12 +151,7 @@ def test_a_bucket_that_cannot_deliver_sends_the_pull_to_the_hub_with_the_reason(
 def test_without_the_hub_the_bucket_error_is_raised_with_its_exit_code_and_why(
         failure: str, error: type[AgentError], code: int, env: dict[str, str], allow: bool, says: str,
         pod: Settings, store: FakeStore, hub: HubRecorder) -> None:
-    if failure == "down":
-        store.failure = DOWN
-    elif failure == "not-staged":
-        store.objects.clear()
-    else:
-        corrupt_for_good(store)
+    break_bucket(store, failure)
     with pytest.raises(error) as info:
         run(pod, store, allow=allow, env=env)
     assert info.value.exit_code == code

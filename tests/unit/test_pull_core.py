@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from agent.remote import RemoteRepo
 from agent.settings import Settings
 from agent.verify import audit_cache
 from tests.support.fake_store import FakeEngine, FakeStore
+from tests.support.hf_cache import tree_state
 from tests.support.staged import assert_no_bad_final_blob, quiet
 from tests.unit.conftest import COMMIT, REPO, UNIT_PART
 
@@ -30,16 +30,6 @@ PREFIX = RemoteRepo(FakeStore(), REPO).prefix
 def pull(settings: Settings, store: FakeStore, engine: FakeEngine, **options: object) -> PullResult:
     return pull_from_store(settings, PullOptions(REPO, **options), quiet(),  # type: ignore[arg-type]
                            reader=store, engine=engine)
-
-
-def tree_state(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under root (links not followed) with its size and mtime."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            state[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-    return state
 
 
 def assert_complete(settings: Settings, manifest: Manifest, unit_model: Path) -> None:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.cache import RepoCache
 from agent.errors import ManifestError, NotFoundError, UnsafePathError, VerificationError
 from agent.manifest import Manifest
 from agent.remote import RemoteRepo, staged_models
 from agent.s3read import ObjectInfo
 from agent.settings import MODELS_PREFIX
+from agent.stage import stage_from_cache
 from tests.support.fake_store import FakeStore
+from tests.support.staged import copy_legacy, quiet
 from tests.unit.conftest import COMMIT, REPO, UNIT_PART
 
 PREFIX = f"{MODELS_PREFIX}models--simswarm-test--unit-llama/"
@@ -22,17 +23,9 @@ PREFIX = f"{MODELS_PREFIX}models--simswarm-test--unit-llama/"
 def legacy_bucket(unit_cache: Path, *, with_tree: bool = False) -> FakeStore:
     """What `s5cmd cp` of a cache leaves: blobs/, a full copy of every file under snapshots/, refs/main."""
     store = FakeStore()
-    cache = RepoCache(unit_cache, REPO)
-    for blob in cache.blobs.iterdir():
-        store.put_bytes(PREFIX + f"blobs/{blob.name}", blob.read_bytes())
-    for relpath, path in cache.snapshot_entries(COMMIT):
-        store.put_bytes(PREFIX + f"snapshots/{COMMIT}/{relpath}", path.read_bytes())
-    store.put_bytes(PREFIX + "refs/main", COMMIT.encode())
+    copy_legacy(store, unit_cache, REPO, COMMIT)
     if with_tree:
         compact = FakeStore()
-        from agent.stage import stage_from_cache
-        from tests.support.staged import quiet
-
         stage_from_cache(compact, unit_cache, REPO, "main", quiet())
         store.put_bytes(PREFIX + f"trees/{COMMIT}.json", compact.objects[PREFIX + f"trees/{COMMIT}.json"])
     return store
