@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, Engine, Limits, PartDoneFn, ProgressFn, TransferHooks
 from agent.errors import AgentError, ConfigError, NotFoundError, VerificationError
 from agent.s3read import METADATA_LIMIT, ObjectInfo, ObjectStore
+from agent.settings import Settings
 
 URL_BASE = "https://fake-s3.invalid"
 
@@ -134,11 +135,13 @@ def _fits(store: FakeStore) -> ObjectStore:
 
 
 class FakeEngine:
-    """An engine (agent.engines.base.Engine) that copies each job's parts from a FakeStore, by the
-    presigned URL it was given, into the job's temporary file, and checks part digests as the real
-    engines do (a mismatch is a VerificationError; they raise it after their retries)."""
+    """An engine (agent.engines.base.Engine, checked as FakeStore is) that copies each job's parts from a
+    FakeStore, by the presigned URL it was given, into the job's temporary file, and checks part digests
+    as the real engines do (a mismatch is a VerificationError; they raise it after their retries)."""
 
     name = "fake"
+    reads_urls = True
+    writes_in_place = True
     hashes_blobs = False
     records_digests = False
     resumes_in_parts = False
@@ -147,6 +150,14 @@ class FakeEngine:
         self.store = store
         self.checks_parts = checks_parts
         self.calls: list[list[BlobJob]] = []  # the jobs of each fetch, in order
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None) -> Engine:
+        raise TypeError("a FakeEngine reads a FakeStore: build it with FakeEngine(store)")
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
 
     def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
@@ -169,3 +180,8 @@ class FakeEngine:
     def fetched(self) -> list[str]:
         """The blob names of every job, over every fetch (a blob fetched twice is listed twice)."""
         return [job.blob_name for jobs in self.calls for job in jobs]
+
+
+def _engine_fits(engine: FakeEngine) -> Engine:
+    """Never called: mypy checks here that FakeEngine keeps the engine contract."""
+    return engine

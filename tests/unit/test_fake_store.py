@@ -1,5 +1,6 @@
-"""The in-memory bucket the unit tests use is a faithful stand-in: mypy finds it fits the agent's own
-storage interface (`agent.s3read.ObjectStore`), and it answers as the real readers do."""
+"""The in-memory bucket and engine the unit tests use are faithful stand-ins: mypy finds they fit the
+agent's storage interface (`agent.s3read.ObjectStore`) and engine contract, and the bucket answers as the
+real readers do."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
-def test_the_fake_store_fits_the_storage_interface_by_mypy() -> None:
+def test_the_fakes_fit_the_storage_interface_and_the_engine_contract_by_mypy() -> None:
     argv = [sys.executable, "-m", "mypy", "--explicit-package-bases", "tests/support/fake_store.py"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
