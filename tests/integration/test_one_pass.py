@@ -71,8 +71,7 @@ def stage(store: Store, hub: Path, part_size: int = MIB) -> Manifest:
 
 
 def stage_legacy(store: Store, hub: Path, commit: str) -> Manifest:
-    """What `s5cmd cp` of a cache made before 1.0 leaves: blobs, full snapshot copies, a ref, no trees/
-    and no sidecar."""
+    """The model in legacy form (`copy_legacy`: what `s5cmd cp` of a cache made before 1.0 leaves)."""
     copy_legacy(store, hub, REPO, commit)
     snap = RemoteRepo(store, REPO).load()
     assert snap.form == "legacy" and snap.sidecar is None
