@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from agent.engines.base import BlobJob, Engine, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, Engine, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import AgentError, ConfigError, NotFoundError, VerificationError
 from agent.s3read import METADATA_LIMIT, ObjectInfo, ObjectStore
 from agent.settings import Settings
@@ -159,7 +159,7 @@ class FakeEngine:
     def available(cls) -> bool:
         return True
 
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         self.calls.append(list(jobs))
         for job in jobs:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import agent.fallback
-from agent.engines.base import BlobJob, Limits, PartDoneFn, ProgressFn, TransferHooks
+from agent.engines.base import BlobJob, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -95,7 +95,7 @@ def test_refused_credentials_are_raised_the_hub_is_no_cure(pod: Settings, store:
 
 
 class OutOfFiles(FakeEngine):
-    def fetch(self, jobs: Sequence[BlobJob], limits: Limits, progress: ProgressFn,
+    def fetch(self, jobs: Sequence[BlobJob], config: TransferConfig, progress: ProgressFn,
               on_part_done: PartDoneFn, hooks: TransferHooks | None = None) -> None:
         raise OSError(errno.EMFILE, "Too many open files")
 
