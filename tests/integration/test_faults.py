@@ -43,8 +43,6 @@ FAST = TransferConfig(concurrency=2, deadlines=Deadlines(connect=2.0, first_byte
                       retry=RetryPolicy(max_retries=3, base=0.05, cap=1.0))
 
 
-
-
 @pytest.fixture
 def proxy(s3_server: SeaweedServer) -> Iterator[FaultProxy]:
     with FaultProxy(s3_server.endpoint_url, preserve_host=True, stall_seconds=3.0) as p:
