@@ -61,8 +61,13 @@ def staged_manifest(store: FakeStore) -> Manifest:
 
 
 @pytest.fixture
-def pod(tmp_path: Path) -> Settings:
-    """A pod's settings: object storage configured (the fake bucket stands in for it), an empty cache."""
-    return Settings.from_env({"MINIO_ENDPOINT": "fake-s3.invalid:9000", "MINIO_ACCESS_KEY": "unit-key",
-                              "MINIO_SECRET_KEY": "unit-secret", "MINIO_BUCKET": "fake-bucket",
-                              "HF_HOME": str(tmp_path / "hf-home")})
+def pod_env(tmp_path: Path) -> dict[str, str]:
+    """A pod's environment: object storage configured (the fake bucket stands in for it), an empty cache."""
+    return {"MINIO_ENDPOINT": "fake-s3.invalid:9000", "MINIO_ACCESS_KEY": "unit-key",
+            "MINIO_SECRET_KEY": "unit-secret", "MINIO_BUCKET": "fake-bucket",
+            "HF_HOME": str(tmp_path / "hf-home")}
+
+
+@pytest.fixture
+def pod(pod_env: dict[str, str]) -> Settings:
+    return Settings.from_env(pod_env)

@@ -23,7 +23,7 @@ from agent.errors import (
     StorageUnavailableError,
     VerificationError,
 )
-from agent.fallback import FallbackResult, fallback_refusal, hub_offline, pull_with_fallback, try_bucket
+from agent.fallback import FallbackResult, fallback_refusal, pull_with_fallback, try_bucket
 from agent.pull import PullOptions, PullResult
 from agent.remote import RemoteRepo
 from agent.settings import Settings
@@ -53,10 +53,10 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> HubRecorder:
     return recorder
 
 
-def run(settings: Settings, store: FakeStore, *, allow: bool = True, env: dict[str, str] | None = None,
+def run(settings: Settings, store: FakeStore, *, allow: bool = True,
         engine: FakeEngine | None = None) -> PullResult:
     return pull_with_fallback(settings, PullOptions(REPO), quiet(), allow_fallback=allow, write_back=False,
-                              env=env or {}, reader=store, engine=engine or FakeEngine(store))
+                              reader=store, engine=engine or FakeEngine(store))
 
 
 def break_bucket(store: FakeStore, failure: str) -> None:
@@ -110,16 +110,11 @@ def test_an_engine_failing_for_an_unlisted_reason_becomes_an_outcome_the_hub_may
 # -- may the Hub be used? -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "offline"), [("1", True), ("true", True), (" YES ", True), ("on", True),
-                                                ("0", False), ("", False), ("false", False)])
-def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value: str, offline: bool) -> None:
-    assert hub_offline({"HF_HUB_OFFLINE": value}) is offline
-
-
-def test_the_refusal_names_what_forbids_the_hub() -> None:
-    assert fallback_refusal(True, {}) is None
-    assert "--no-fallback" in str(fallback_refusal(False, {"HF_HUB_OFFLINE": "1"}))
-    assert "HF_HUB_OFFLINE" in str(fallback_refusal(True, {"HF_HUB_OFFLINE": "1"}))
+def test_the_refusal_names_what_forbids_the_hub(pod_env: dict[str, str]) -> None:
+    offline = Settings.from_env({**pod_env, "HF_HUB_OFFLINE": "1"})
+    assert fallback_refusal(True, Settings.from_env(pod_env)) is None
+    assert "--no-fallback" in str(fallback_refusal(False, offline))
+    assert "HF_HUB_OFFLINE" in str(fallback_refusal(True, offline))
 
 
 # -- the decisions, end to end ----------------------------------------------------------------------
@@ -150,10 +145,10 @@ def test_a_bucket_that_cannot_deliver_sends_the_pull_to_the_hub_with_the_reason(
                                                         ("corrupt", VerificationError, 4)])
 def test_without_the_hub_the_bucket_error_is_raised_with_its_exit_code_and_why(
         failure: str, error: type[AgentError], code: int, env: dict[str, str], allow: bool, says: str,
-        pod: Settings, store: FakeStore, hub: HubRecorder) -> None:
+        pod_env: dict[str, str], store: FakeStore, hub: HubRecorder) -> None:
     break_bucket(store, failure)
     with pytest.raises(error) as info:
-        run(pod, store, allow=allow, env=env)
+        run(Settings.from_env({**pod_env, **env}), store, allow=allow)
     assert info.value.exit_code == code
     line = info.value.one_line()
     assert says in line and "\n" not in line
