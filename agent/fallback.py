@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.cache import RepoCache, is_commit
+from agent.engines.base import Engine
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -33,6 +34,7 @@ from agent.manifest import DEFAULT_PART_SIZE, Manifest, parse_manifest
 from agent.output import Output, human_bytes
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.ready import cache_writable
+from agent.s3read import ObjectReader
 from agent.selection import Choice, Selection, choose
 from agent.settings import Settings
 from agent.stage import scan_local, stage_from_cache
@@ -51,7 +53,8 @@ class FallbackResult(PullResult):
     fallback_reason: str = ""
 
 
-def try_bucket(settings: Settings, opts: PullOptions, out: Output) -> PullResult | AgentError:
+def try_bucket(settings: Settings, opts: PullOptions, out: Output, *, reader: ObjectReader | None = None,
+               engine: Engine | None = None) -> PullResult | AgentError:
     """The bucket's result, or why it cannot deliver (the errors that allow a fallback, and a read-only
     cache, which may still hold a complete copy of another commit). Whatever else goes wrong on the
     bucket path becomes the agent's error here: a pod out of open files, or a bug nobody foresaw, may
@@ -59,7 +62,7 @@ def try_bucket(settings: Settings, opts: PullOptions, out: Output) -> PullResult
     if not settings.storage_enabled:
         return ConfigError("object storage is off: MINIO_ENDPOINT is not set", hint="set MINIO_ENDPOINT")
     try:
-        return pull_from_store(settings, opts, out)
+        return pull_from_store(settings, opts, out, reader=reader, engine=engine)
     except (*BUCKET_CANNOT_DELIVER, ReadOnlyCacheError) as exc:
         return exc
     except AgentError:
@@ -91,13 +94,15 @@ def explained(cause: AgentError, refusal: str) -> AgentError:
 
 
 def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, allow_fallback: bool,
-                       write_back: bool) -> PullResult:
+                       write_back: bool, reader: ObjectReader | None = None,
+                       engine: Engine | None = None) -> PullResult:
     """Fill the cache from the bucket, else from the Hub; the result says which and why.
 
     Without the fallback the bucket's own error is raised (exit 3 not available, 4 verification; with
     storage off, 3: the model is not in the cache). A Hub failure is exit 3 naming both causes.
+    `reader` and `engine` go to the bucket's pull (tests); None: as configured.
     """
-    outcome = try_bucket(settings, opts, out)  # 1. the bucket first, always
+    outcome = try_bucket(settings, opts, out, reader=reader, engine=engine)  # 1. the bucket first, always
     if isinstance(outcome, PullResult):
         return outcome
     cause = outcome

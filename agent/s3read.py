@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
@@ -50,6 +51,21 @@ class ObjectReader(Protocol):
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]: ...
 
     def presign(self, key: str, *, expires: int = 3600) -> str: ...
+
+
+class ObjectStore(ObjectReader, Protocol):
+    """What staging also needs, reading and writing: the boto3 `Store` provides it (and the tests'
+    in-memory `FakeStore`)."""
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def head_metadata(self, key: str) -> dict[str, str] | None: ...
+
+    def put_bytes(self, key: str, data: bytes, *, metadata: dict[str, str] | None = None,
+                  content_type: str = "application/octet-stream") -> None: ...
+
+    def upload_file(self, path: Path, key: str, *, metadata: dict[str, str] | None = None,
+                    callback: Callable[[int], None] | None = None) -> None: ...
 
 
 def require_credentials(settings: Settings) -> None:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.cache import SHA256_RE, RepoCache, check_revision, is_commit
 from agent.errors import NotFoundError, VerificationError
 from agent.manifest import DEFAULT_PART_SIZE, FileEntry, Manifest, Sidecar, check_consistent
 from agent.output import Output, Progress, human_bytes
 from agent.remote import RemoteRepo
+from agent.s3read import ObjectStore
 from agent.verify import BlobDigests, digest_blob
-
-if TYPE_CHECKING:
-    from agent.store import Store
 
 SHA256_META = "sha256"
 
@@ -82,7 +79,7 @@ def scan_local(cache: RepoCache, commit: str, part_size: int,
     return Manifest(files), digests, paths
 
 
-def put_if_changed(store: Store, key: str, data: bytes) -> bool:
+def put_if_changed(store: ObjectStore, key: str, data: bytes) -> bool:
     """Upload a small object unless the bucket already holds exactly these bytes."""
     if store.head(key) is not None and store.get_bytes(key) == data:
         return False
@@ -90,13 +87,13 @@ def put_if_changed(store: Store, key: str, data: bytes) -> bool:
     return True
 
 
-def blob_is_intact(store: Store, key: str, digests: BlobDigests) -> bool:
+def blob_is_intact(store: ObjectStore, key: str, digests: BlobDigests) -> bool:
     meta = store.head_metadata(key)
     return (meta is not None and meta.get("content-length") == str(digests.size)
             and meta.get(SHA256_META) == digests.sha256)
 
 
-def stage_from_cache(store: Store, hub_cache: Path, repo_id: str, revision: str, out: Output,
+def stage_from_cache(store: ObjectStore, hub_cache: Path, repo_id: str, revision: str, out: Output,
                      part_size: int = DEFAULT_PART_SIZE) -> StageResult:
     cache = RepoCache(hub_cache, repo_id)
     remote = RemoteRepo(store, repo_id)

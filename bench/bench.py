@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
@@ -48,15 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.demo.model import generate_model  # noqa: E402
+from agent.demo.seaweed import REGION, SeaweedServer  # noqa: E402
+from agent.demo.seed import fake_commit, seed_cache  # noqa: E402
 from agent.engines.s5cmd import find_s5cmd  # noqa: E402
 from agent.output import Output  # noqa: E402
 from agent.remote import RemoteRepo  # noqa: E402
 from agent.settings import MODELS_PREFIX, Settings  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
-from agent.testbed.seaweed import REGION, SeaweedServer  # noqa: E402
-from agent.testbed.seed import fake_commit, seed_cache  # noqa: E402
 
 REPO_ID = "simswarm-bench/llama"
 COMPACT_BUCKET = "simswarm"
@@ -536,15 +536,24 @@ def main(argv: list[str] | None = None) -> int:
                           "model_bytes": bed.model_bytes, "legacy_bytes": bed.legacy_bytes,
                           "workdir": str(args.workdir or tempfile.gettempdir()), "drop_caches": drop},
                "machine": info, "notes": notes, **summary, "table": table}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     out.event("bench.done", f"results written to {args.out}")
     return 0
 
 
-if __name__ == "__main__":
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_main(main: Callable[[], int], name: str) -> NoReturn:
+    """Exit with `main()`'s status; a BenchError is one line on stderr and exit 1."""
     try:
         sys.exit(main())
     except BenchError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main, "bench")

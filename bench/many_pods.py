@@ -45,14 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.demo.model import generate_model  # noqa: E402
+from agent.demo.seaweed import SeaweedServer  # noqa: E402
+from agent.demo.seed import fake_commit, seed_cache  # noqa: E402
 from agent.output import Output  # noqa: E402
 from agent.remote import RemoteRepo  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
-from agent.testbed.seaweed import SeaweedServer  # noqa: E402
-from agent.testbed.seed import fake_commit, seed_cache  # noqa: E402
+from tests.support.cli import clean_env  # noqa: E402
 from tests.support.fault_server import FaultProxy  # noqa: E402
 
 REPO_ID = "simswarm-bench/many-pods"
@@ -133,8 +134,7 @@ def stage_model(server: SeaweedServer, bucket: str, workdir: Path, size_mib: int
 
 
 def pod_env(server: SeaweedServer, bucket: str, endpoint: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
-    env.update(server.env(bucket), PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    env = clean_env(**server.env(bucket))
     if endpoint is not None:
         env["MINIO_ENDPOINT"] = endpoint
     return env

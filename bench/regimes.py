@@ -42,11 +42,11 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 from agent.cache import STATE_SUFFIX  # noqa: E402
+from agent.demo.seed import seed_cache  # noqa: E402
 from agent.output import Output  # noqa: E402
 from agent.settings import MODELS_PREFIX  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.seed import seed_cache  # noqa: E402
 from bench import (  # noqa: E402
     COMPACT_BUCKET,
     LEGACY_BUCKET,
@@ -55,7 +55,9 @@ from bench import (  # noqa: E402
     Testbed,
     curl_method,
     machine_info,
+    run_main,
     s5cmd_binary,
+    write_results,
 )
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "regimes.json"
@@ -116,7 +118,7 @@ def stage_dir(bed: Testbed, model: Path, repo_id: str, bucket: str, commit: str)
 # -- fixed cost -------------------------------------------------------------------------------------
 
 def fixed_cost(bed: Testbed, rounds: int, scratch: Path) -> dict[str, Any]:
-    from agent.testbed.model import generate_model
+    from agent.demo.model import generate_model
 
     model = bed.work / "tiny-model"
     generate_model(model, shards=1, shard_bytes=1_000_000)
@@ -224,7 +226,7 @@ def resume_once(bed: Testbed, bucket: str, repo_id: str, shard: int, sig: int, d
 
 
 def resume(bed: Testbed, size_mib: int, scratch: Path) -> dict[str, Any]:
-    from agent.testbed.model import generate_model
+    from agent.demo.model import generate_model
 
     model = bed.work / "resume-model"
     generate_model(model, shards=1, shard_bytes=size_mib * MIB)
@@ -315,14 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n\n".join(tables)
     results["table"] = table
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"regimes: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "regimes")

@@ -4,7 +4,7 @@ code accepts each selected cache offline.
     python bench/vllm_check.py --vllm-python /work/vllm-venv/bin/python [--json FILE] [--keep]
 
 Runs with the agent's Python; vLLM runs in its own venv (it brings torch; TESTING.md "vLLM"). For each
-repo shape of `agent.testbed.shapes` (Llama 3.x with original/, .bin beside .safetensors, Mistral's
+repo shape of `agent.demo.shapes` (Llama 3.x with original/, .bin beside .safetensors, Mistral's
 consolidated beside HF shards, .bin only):
 1. the shape is generated with the vLLM venv's Python (so .bin and .pth are real torch.save files),
    laid out as a cache and staged into a SeaweedFS bucket;
@@ -37,21 +37,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.cache import RepoCache  # noqa: E402
+from agent.demo.seaweed import SeaweedServer  # noqa: E402
+from agent.demo.seed import fake_commit, seed_cache  # noqa: E402
+from agent.demo.shapes import SHAPES  # noqa: E402
 from agent.output import Output, human_bytes  # noqa: E402
 from agent.selection import VLLM_VERSION, is_top_level, is_weight_file  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.stage import stage_from_cache  # noqa: E402
 from agent.store import Store  # noqa: E402
-from agent.testbed.seaweed import SeaweedServer  # noqa: E402
-from agent.testbed.seed import fake_commit, seed_cache  # noqa: E402
-from agent.testbed.shapes import SHAPES  # noqa: E402
 from tests.support.fault_server import FaultProxy  # noqa: E402
 from tests.support.hf_cache import assert_clean_cache, resolve_offline  # noqa: E402
 
 BUCKET = "vllm-check"
 GENERATE = """
 import sys
-from agent.testbed.shapes import generate_shape
+from agent.demo.shapes import generate_shape
 generate_shape(sys.argv[1], sys.argv[2], shard_bytes=int(sys.argv[3]))
 """
 

@@ -3,7 +3,8 @@ Hugging Face cache written by huggingface_hub itself.
 
 Expensive things are session-scoped and lazy: the S3 server starts only when a test asks for it
 (about 4-10 s), once per session; each test then gets its own bucket and its own HF_HOME, so tests
-never see each other's objects or files.
+never see each other's objects or files. A module whose tests only read a staged model shares one
+(`staged_bucket`, staged once per module).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.demo.model import generate_model  # noqa: E402
+from agent.demo.seaweed import SeaweedServer  # noqa: E402
+from agent.manifest import Manifest  # noqa: E402
 from agent.settings import DEFAULT_BUCKET, Settings  # noqa: E402
-from agent.testbed.model import generate_model  # noqa: E402
-from agent.testbed.seaweed import SeaweedServer  # noqa: E402
+from agent.stage import stage_from_cache  # noqa: E402
+from agent.store import Store  # noqa: E402
 from tests.support.fake_hub import FakeHub, read_tree  # noqa: E402
 from tests.support.hf_cache import build_hf_cache  # noqa: E402
+from tests.support.staged import bucket_manifest, quiet, stage  # noqa: E402
 
 TINY_REPO_ID = "simswarm-test/tiny-llama"
 
@@ -94,3 +99,25 @@ def hf_cache(hf_cache_ro: Path, tmp_path: Path) -> Path:
     cache_dir = tmp_path / "seed-hf-home" / "hub"
     shutil.copytree(hf_cache_ro, cache_dir, symlinks=True)
     return cache_dir
+
+
+@pytest.fixture(scope="module")
+def staged_bucket(s3_server: SeaweedServer, hf_cache_ro: Path, model_repo: tuple[str, str]) -> str:
+    """A bucket of this module's own holding the tiny model, staged once (compact form, 64 KiB part
+    digests), for tests that only read it or put back what they change."""
+    bucket = s3_server.create_bucket(f"t-{secrets.token_hex(6)}")
+    stage(Settings.from_env(s3_server.env(bucket)), hf_cache_ro, model_repo[0])
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def manifest(s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str]) -> Manifest:
+    """The manifest of the model in `staged_bucket`."""
+    return bucket_manifest(Settings.from_env(s3_server.env(staged_bucket)), model_repo[0])
+
+
+@pytest.fixture
+def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> tuple[str, str]:
+    """The tiny model staged in this test's own bucket (default part size): (repo_id, commit)."""
+    stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", quiet())
+    return model_repo

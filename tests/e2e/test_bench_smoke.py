@@ -26,12 +26,15 @@ def expected_methods() -> list[str]:
             f"agent-{engines[0]}-size", f"agent-{engines[0]}-legacy", f"agent-{engines[0]}-rehash"]
 
 
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+
+
 def test_bench_smoke_prints_a_table_with_every_method(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench.py"), "--preset", "smoke", "--rounds", "1",
-         "--size-mib", "32", "--workdir", str(tmp_path / "work"), "--out", str(results)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = run_bench("bench.py", "--preset", "smoke", "--rounds", "1", "--size-mib", "32", "--workdir",
+                     str(tmp_path / "work"), "--out", str(results))
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
@@ -49,10 +52,8 @@ def test_bench_smoke_prints_a_table_with_every_method(tmp_path: Path) -> None:
 def test_regimes_smoke_reports_fixed_cost_and_many_files(tmp_path: Path) -> None:
     """The capped-link and resume sections need `tc` on loopback (root, whole machine): not in CI."""
     results = tmp_path / "regimes.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "regimes.py"), "--only", "fixed,files", "--rounds", "1",
-         "--files", "300", "--workdir", str(tmp_path / "work"), "--out", str(results)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = run_bench("regimes.py", "--only", "fixed,files", "--rounds", "1", "--files", "300", "--workdir",
+                     str(tmp_path / "work"), "--out", str(results))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(results.read_text())
     assert set(data["fixed"]["rows"]) == {"agent-native", "s5cmd-blobs", "python-startup"}

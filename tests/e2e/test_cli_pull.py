@@ -8,16 +8,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.cache import RepoCache
-from agent.testbed.seaweed import SeaweedServer
-
-ROOT = Path(__file__).resolve().parents[2]
+from agent.demo.seaweed import SeaweedServer
+from tests.support.cli import clean_env, run_agent
+from tests.support.mounts import tmpfs
 
 
 @dataclass
@@ -33,15 +32,11 @@ class Run:
 @pytest.fixture
 def cli(settings_env: dict[str, str], s3_server: SeaweedServer, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Run `python -m agent ARGS` with the test's MINIO_* and HF_HOME; checks every output for secrets."""
-    drop = ("HF_", "HUGGINGFACE_", "MINIO_", "AWS_")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    base.update(settings_env, PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    base = clean_env(**settings_env)
     secret = s3_server.secret_key
 
     def run(*args: str, env: dict[str, str] | None = None, report: Path | None = None) -> Run:
-        done = subprocess.run([sys.executable, "-m", "agent", *args], env={**base, **(env or {})},
-                              cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=120, check=False)
+        done = run_agent(*args, env={**base, **(env or {})}, stdin=subprocess.DEVNULL)
         texts = [done.stdout, done.stderr] + ([report.read_text()] if report and report.exists() else [])
         for text in texts:
             assert secret not in text
@@ -192,16 +187,8 @@ def test_wrong_credentials_never_echo_the_secret(cli, hf_cache: Path,  # type: i
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 1 MiB tmpfs, where this machine lets the tests mount one (root in a container); else skip."""
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
-    try:
+    with tmpfs(tmp_path / "small-disk", "1m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
 def test_pull_onto_a_disk_too_small_exits_5(cli, tiny_filesystem: Path, hf_cache: Path,  # type: ignore[no-untyped-def]

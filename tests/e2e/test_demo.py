@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run_agent
+
+
+def bare_env(home: Path) -> dict[str, str]:
+    """A person's shell with nothing configured: PATH, and a home and temporary folder of the test's."""
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(home)}
+
 
 def test_demo_stages_pulls_and_proves_a_model_then_cleans_up(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "demo", "--shards", "2",
-                           "--shard-mib", "1"], env=env, capture_output=True, text=True, timeout=240)
+    proc = run_agent("--log-format", "json", "demo", "--shards", "2", "--shard-mib", "1",
+                     env=bare_env(tmp_path), timeout=240)
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = {json.loads(line)["event"]: json.loads(line) for line in proc.stderr.splitlines()}
@@ -36,9 +40,7 @@ def test_demo_stages_pulls_and_proves_a_model_then_cleans_up(tmp_path: Path) -> 
 @pytest.mark.parametrize("flags", [["--shards", "0"], ["--shard-mib", "0"], ["--shards", "-3"],
                                    ["--shard-mib", "100000"]])
 def test_demo_sizes_out_of_range_are_one_line_and_exit_2(flags: list[str], tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "agent", "--log-format", "text", "demo", *flags], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_agent("--log-format", "text", "demo", *flags, env=bare_env(tmp_path), timeout=60)
     assert proc.returncode == 2
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"error: {flags[0]} must be between 1 and ") and flags[1] in line

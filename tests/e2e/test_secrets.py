@@ -24,10 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
+from tests.support.cli import clean_env, start_agent
 from tests.support.fault_server import FaultProxy
 
-ROOT = Path(__file__).resolve().parents[2]
 HF_TOKEN = "hf_RecognisableTokenValue0123456789"
 SIGNATURE_MARKERS = ("X-Amz-Signature", "Signature=", "X-Amz-Credential", "x-amz-signature")
 
@@ -62,10 +62,8 @@ class Leaks:
 
     def run(self, *args: str, env: dict[str, str] | None = None, report: Path | None = None,
             signed_stdout: bool = False, timeout: float = 90) -> Run:
-        argv = [sys.executable, "-m", "agent", "--log-format", "json", "--debug", *args]
-        proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = start_agent("--log-format", "json", "--debug", *args, env={**self.env, **(env or {})},
+                           stdin=subprocess.DEVNULL)
         argvs: set[str] = set()
         deadline = time.monotonic() + timeout
         try:
@@ -106,10 +104,8 @@ def tree_argvs(pid: int) -> set[str]:
 
 @pytest.fixture
 def leaks(settings_env: dict[str, str], s3_server: SeaweedServer) -> Leaks:
-    drop = ("HF_", "HUGGINGFACE_", "MINIO_", "AWS_")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    base.update(settings_env, PYTHONPATH=str(ROOT), HF_TOKEN=HF_TOKEN, HF_HUB_DISABLE_TELEMETRY="1",
-                HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_XET="1")
+    base = clean_env(**settings_env, HF_TOKEN=HF_TOKEN, HF_ENDPOINT="http://127.0.0.1:9",
+                     HF_HUB_DISABLE_XET="1")
     return Leaks(base, s3_server.secret_key)
 
 

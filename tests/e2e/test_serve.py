@@ -19,12 +19,8 @@ from typing import Any
 import pytest
 
 from agent.cache import RepoCache
-from agent.output import Output
-from agent.settings import Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
+from tests.support.cli import hub_agent_env, run_agent, start_agent
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import hub_env
 
 STUB = """#!{python}
 import json, os, sys
@@ -52,28 +48,19 @@ def stub_dir(tmp_path: Path) -> Path:
 
 def serve_env(hub: FakeHub, hf_home: Path, storage: dict[str, str] | None, stub_dir: Path,
               record: Path) -> dict[str, str]:
-    env = hub_env(hub, hf_home)
-    env.update({k: v for k, v in (storage or {}).items() if k.startswith("MINIO_")})
+    env = hub_agent_env(hub, hf_home, storage)
     env["PATH"] = f"{stub_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
     env["VLLM_STUB_RECORD"] = str(record)
     return env
 
 
 def run_serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "--log-format", "text", "serve", *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return run_agent("--log-format", "text", "serve", *args, env=env)
 
 
 def recorded(record: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(record.read_text())
     return data
-
-
-@pytest.fixture
-def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> tuple[str, str]:
-    """The tiny model staged in this test's bucket: (repo_id, commit)."""
-    stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", Output(json_mode=False, quiet=True))
-    return model_repo
 
 
 def test_serve_pulls_then_execs_vllm_offline_on_the_filled_cache(
@@ -155,7 +142,7 @@ def test_only_vllm_sees_hub_offline_so_the_agent_can_still_fall_back(
 
 def test_missing_vllm_fails_in_one_line_before_pulling(fake_hub: FakeHub, model_repo: tuple[str, str],
                                                        tmp_path: Path) -> None:
-    env = hub_env(fake_hub, tmp_path / "home")
+    env = hub_agent_env(fake_hub, tmp_path / "home")
     env["PATH"] = str(Path(sys.executable).parent)  # python, but no vllm
     fake_hub.clear_requests()
     proc = run_serve(env, model_repo[0])
@@ -177,8 +164,7 @@ def test_sigterm_during_the_pull_exits_143(fake_hub: FakeHub, model_repo: tuple[
         storage = {"MINIO_ENDPOINT": f"127.0.0.1:{silent.getsockname()[1]}", "MINIO_ACCESS_KEY": "k",
                    "MINIO_SECRET_KEY": "s"}
         env = serve_env(fake_hub, tmp_path / "home", storage, stub_dir, record)
-        command = [sys.executable, "-m", "agent", "--log-format", "text", "serve", model_repo[0]]
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_agent("--log-format", "text", "serve", model_repo[0], env=env)
         try:
             conn, _ = silent.accept()  # the agent is inside the pull, waiting for the listing
             with conn:

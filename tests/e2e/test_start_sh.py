@@ -16,14 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.output import Output
-from agent.settings import Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
+from tests.support.cli import ROOT, hub_agent_env
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import hub_env
 
-ROOT = Path(__file__).resolve().parents[2]
 START_SH = ROOT / "start.sh"
 
 VLLM_STUB = """#!{python}
@@ -46,16 +41,9 @@ def bin_dir(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> tuple[str, str]:
-    stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", Output(json_mode=False, quiet=True))
-    return model_repo
-
-
 def pod_env(hub: FakeHub, tmp_path: Path, bin_dir: Path, storage: dict[str, str],
             **pod: str) -> dict[str, str]:
-    env = hub_env(hub, tmp_path / "pod-home")
-    env.update({k: v for k, v in storage.items() if k.startswith("MINIO_")})
+    env = hub_agent_env(hub, tmp_path / "pod-home", storage)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
     env["VLLM_STUB_RECORD"] = str(tmp_path / "record.json")
     for name in ("MODEL_ID", "MODEL_REVISION", "VLLM_ARGS", "SIMSWARM_ENGINE", "SIMSWARM_NO_FALLBACK",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testbed.shapes import SHAPES
+from agent.demo.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[2]
 

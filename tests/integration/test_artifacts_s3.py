@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import calendar
 import json
-import os
 import secrets
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -20,9 +18,10 @@ import pytest
 import urllib3
 
 from agent.artifacts import SIM_DATA_FILES, SimDataStorage
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import EXIT_NOT_AVAILABLE, EXIT_USAGE, NotFoundError
 from agent.settings import Settings
-from agent.testbed.seaweed import SeaweedServer
+from tests.support.cli import clean_env, run_agent
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=30))
 
@@ -65,9 +64,7 @@ def wait_past_expiry(url: str, margin: float = 1.2) -> None:
 
 def run_cli(*args: str, env: dict[str, str] | None, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m agent ARGS` with only the given MINIO_* variables (none of the caller's)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MINIO_")}
-    return subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", *args],
-                          env={**base, **(env or {})}, cwd=cwd, capture_output=True, text=True, timeout=120)
+    return run_agent("--log-format", "json", *args, env=clean_env(**(env or {})), cwd=cwd)
 
 
 # ------------------------------------------------------------------------------------------ the URLs

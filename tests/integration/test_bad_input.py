@@ -16,7 +16,6 @@ JSON strings, nothing normalises them).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -27,24 +26,18 @@ import pytest
 from botocore.exceptions import ClientError
 
 from agent.cache import BLOB_RE, RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import AgentError, ManifestError, UnsafePathError, VerificationError
 from agent.manifest import Manifest, parse_manifest
-from agent.output import Output
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
-from agent.stage import stage_from_cache
 from agent.store import ObjectInfo, Store
-from agent.testbed.seaweed import SeaweedServer
 from agent.verify import audit_cache, check_content
 from tests.support.hf_cache import assert_clean_cache
+from tests.support.staged import PART, quiet
 
-PART = 1 << 16
 PREFIX = f"{MODELS_PREFIX}models--simswarm-test--tiny-llama/"
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 def pull(settings: Settings, repo_id: str, revision: str = "main") -> PullResult:
@@ -52,33 +45,26 @@ def pull(settings: Settings, repo_id: str, revision: str = "main") -> PullResult
                            quiet())
 
 
-@pytest.fixture(scope="module")
-def source_bucket(s3_server: SeaweedServer, hf_cache_ro: Path, model_repo: tuple[str, str]) -> str:
-    bucket = s3_server.create_bucket("t-bad-input")
-    stage_from_cache(Store(Settings.from_env(s3_server.env(bucket))), hf_cache_ro, model_repo[0], "main",
-                     quiet(), part_size=PART)
-    return bucket
-
-
-@pytest.fixture(scope="module")
-def manifest(s3_server: SeaweedServer, source_bucket: str, model_repo: tuple[str, str]) -> Manifest:
-    return RemoteRepo(Store(Settings.from_env(s3_server.env(source_bucket))), model_repo[0]).load().manifest
-
-
 @pytest.fixture
-def staged(s3_server: SeaweedServer, source_bucket: str) -> Iterator[str]:
-    """The module's staged model, for a test that damages its ref, manifest or sidecar (or adds objects):
-    afterwards every object is as staged again (blobs are never changed in place)."""
+def staged(s3_server: SeaweedServer, staged_bucket: str) -> Iterator[str]:
+    """The module's staged model (conftest's `staged_bucket`), for a test that damages its ref, manifest
+    or sidecar (or adds objects): afterwards every object is as staged again (blobs are never changed in
+    place)."""
     client = s3_server.client()
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=source_bucket, Prefix=PREFIX)["Contents"]}
-    small = {k: client.get_object(Bucket=source_bucket, Key=k)["Body"].read()
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=staged_bucket, Prefix=PREFIX)["Contents"]}
+    small = {k: client.get_object(Bucket=staged_bucket, Key=k)["Body"].read()
              for k in keys if "/blobs/" not in k}
-    yield source_bucket
-    for obj in client.list_objects_v2(Bucket=source_bucket, Prefix=PREFIX)["Contents"]:
+    yield staged_bucket
+    for obj in client.list_objects_v2(Bucket=staged_bucket, Prefix=PREFIX)["Contents"]:
         if obj["Key"] not in keys:
-            client.delete_object(Bucket=source_bucket, Key=obj["Key"])
+            client.delete_object(Bucket=staged_bucket, Key=obj["Key"])
     for key, body in small.items():
-        client.put_object(Bucket=source_bucket, Key=key, Body=body)
+        client.put_object(Bucket=staged_bucket, Key=key, Body=body)
+
+
+def pod_settings(s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> Settings:
+    """The agent's settings for `bucket`, with an empty cache of the test's own."""
+    return Settings.from_env({**s3_server.env(bucket), "HF_HOME": str(tmp_path / "home")})
 
 
 def put(s3_server: SeaweedServer, bucket: str, key: str, body: bytes) -> None:
@@ -146,7 +132,7 @@ def test_a_manifest_path_that_would_escape_the_cache_is_refused_with_exit_4(
     doc = manifest_doc(manifest)
     doc["files"][path] = doc["files"]["config.json"]  # a valid entry under a hostile name
     put(s3_server, staged, f"{PREFIX}trees/{commit}.json", json.dumps(doc).encode())
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     before = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
     with pytest.raises(ManifestError) as info:
         pull(settings, repo_id)
@@ -179,7 +165,7 @@ def test_a_control_character_key_in_a_real_legacy_bucket_fails_the_pull_with_exi
     put(s3_server, bucket, f"{prefix}blobs/{blob}", data)
     put(s3_server, bucket, f"{prefix}snapshots/{commit}/config\x01.json", data)
     put(s3_server, bucket, f"{prefix}refs/main", commit.encode())
-    settings = Settings.from_env({**s3_server.env(bucket), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, bucket, tmp_path)
     with pytest.raises(UnsafePathError) as info:
         pull(settings, repo_id)
     assert info.value.exit_code == 4 and "control characters" in str(info.value)
@@ -228,7 +214,7 @@ def test_a_malformed_manifest_is_refused_with_exit_4(
         change(doc)
         body = json.dumps(doc).encode()
     put(s3_server, staged, f"{PREFIX}trees/{commit}.json", body)
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     with pytest.raises(ManifestError) as info:
         pull(settings, repo_id)
     assert_refused(info.value, 4, RepoCache(settings.hub_cache, repo_id), manifest)
@@ -254,7 +240,7 @@ def test_a_manifest_whose_hash_lies_fails_with_exit_4_and_no_blob_under_the_lyin
     doc["files"][path]["lfs_sha256"] = fake
     client.delete_object(Bucket=staged, Key=f"{PREFIX}parts/{commit}.json")  # the whole-blob check decides
     put(s3_server, staged, f"{PREFIX}trees/{commit}.json", json.dumps(doc).encode())
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     with pytest.raises(VerificationError) as info:
         pull(settings, repo_id)
     cache = RepoCache(settings.hub_cache, repo_id)
@@ -272,7 +258,7 @@ def test_a_manifest_whose_size_lies_fails_with_exit_4_before_any_transfer(
     doc = manifest_doc(manifest)
     doc["files"][path].update(size=entry["size"] + delta, lfs_size=entry["size"] + delta)
     put(s3_server, staged, f"{PREFIX}trees/{commit}.json", json.dumps(doc).encode())
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     with pytest.raises(VerificationError) as info:
         pull(settings, repo_id)
     assert info.value.exit_code == 4 and "manifest says" in str(info.value)
@@ -294,7 +280,7 @@ def test_two_paths_naming_one_blob_with_different_hashes_or_sizes_are_refused(
         tmp_path: Path) -> None:
     repo_id, commit = model_repo
     path, entry = _lfs_entry(manifest)
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     variants = [dict(entry, blob_id="f" * 40),  # same lfs_sha256 (blob name), another git blob id
                 dict(entry, size=entry["size"] - 1, lfs_size=entry["size"] - 1)]  # same name, other size
     for twin in variants:
@@ -319,7 +305,7 @@ def test_a_ref_that_is_not_40_hex_is_refused_with_exit_4(
         tmp_path: Path) -> None:
     repo_id, _ = model_repo
     put(s3_server, staged, f"{PREFIX}refs/main", body)
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     with pytest.raises(ManifestError) as info:
         pull(settings, repo_id)
     assert_refused(info.value, 4, RepoCache(settings.hub_cache, repo_id), manifest)
@@ -331,7 +317,7 @@ def test_a_ref_with_a_trailing_newline_is_accepted_and_written_without_it(
         tmp_path: Path) -> None:
     repo_id, commit = model_repo
     put(s3_server, staged, f"{PREFIX}refs/main", commit.encode() + b"\n")
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     pull(settings, repo_id)
     assert RepoCache(settings.hub_cache, repo_id).ref_path("main").read_bytes() == commit.encode()
 
@@ -340,7 +326,7 @@ def test_a_ref_with_a_trailing_newline_is_accepted_and_written_without_it(
 def test_a_revision_that_would_escape_refs_is_a_usage_error(
         revision: str, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
         tmp_path: Path) -> None:
-    settings = Settings.from_env({**s3_server.env(staged), "HF_HOME": str(tmp_path / "home")})
+    settings = pod_settings(s3_server, staged, tmp_path)
     with pytest.raises(AgentError) as info:
         pull(settings, model_repo[0], revision)
     assert info.value.exit_code == 2, info.value.one_line()
@@ -427,10 +413,10 @@ def _snapshot(paths: list[Path]) -> dict[str, tuple[bytes, int]]:
 
 @pytest.mark.parametrize("plant", list(PLANTS.values()), ids=list(PLANTS))
 def test_a_symlink_planted_in_the_cache_never_leads_a_pull_outside_it(
-        plant: Plant, s3_server: SeaweedServer, source_bucket: str, manifest: Manifest,
+        plant: Plant, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], hf_cache: Path, tmp_path: Path) -> None:
     repo_id, commit = model_repo
-    settings = Settings.from_env({**s3_server.env(source_bucket), "HF_HOME": str(hf_cache.parent)})
+    settings = Settings.from_env({**s3_server.env(staged_bucket), "HF_HOME": str(hf_cache.parent)})
     cache = RepoCache(hf_cache, repo_id)
     for blob in cache.blobs.iterdir():
         os.chmod(blob, 0o644)
@@ -453,10 +439,10 @@ def test_a_symlink_planted_in_the_cache_never_leads_a_pull_outside_it(
     pytest.param(DANGLING["dangling-ref"], id="dangling-ref"),
 ])
 def test_a_dangling_symlink_planted_in_the_cache_never_makes_a_pull_create_its_target(
-        plant: Plant, s3_server: SeaweedServer, source_bucket: str, manifest: Manifest,
+        plant: Plant, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], hf_cache: Path, tmp_path: Path) -> None:
     repo_id, commit = model_repo
-    settings = Settings.from_env({**s3_server.env(source_bucket), "HF_HOME": str(hf_cache.parent)})
+    settings = Settings.from_env({**s3_server.env(staged_bucket), "HF_HOME": str(hf_cache.parent)})
     cache = RepoCache(hf_cache, repo_id)
     outside = _outside(tmp_path)
     plant(cache, commit, manifest, outside)

@@ -11,57 +11,26 @@ server cost 121 s (listing) or 214 s (blob GET): these tests time out there.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.output import Output
-from agent.settings import Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
+from agent.demo.seaweed import SeaweedServer
+from tests.support.cli import clean_env, run_agent
 from tests.support.fake_hub import FakeHub
 from tests.support.fault_server import FaultProxy
+from tests.support.staged import ENGINES
 
-ROOT = Path(__file__).resolve().parents[2]
 TRICKLE_LIMIT = 60  # seconds: the bound for a server sending a byte every 2 s
 SILENT_LIMIT = 30  # seconds: the bound for a server that accepts and never answers
 # A first-byte (and silence) limit longer than the trickle's 2 s gaps, so the minimum rate is what trips.
 DEADLINES = {"SIMSWARM_CONNECT_TIMEOUT": "1", "SIMSWARM_FIRST_BYTE_TIMEOUT": "3",
              "SIMSWARM_MIN_RATE_KIB": "1", "SIMSWARM_RATE_WINDOW": "3", "SIMSWARM_STALL_RETRIES": "1"}
 Matcher = Callable[[str, str, "str | None"], bool]
-
-
-def _native_available() -> bool:
-    from agent.engines.native import NativeEngine
-
-    return NativeEngine.available()
-
-
-def _s5cmd_available() -> bool:
-    from agent.engines.s5cmd import S5cmdEngine
-
-    return S5cmdEngine.available()
-
-
-ENGINES = ["python",
-           pytest.param("native", marks=pytest.mark.skipif(not _native_available(), reason="no native ext")),
-           pytest.param("s5cmd", marks=pytest.mark.skipif(not _s5cmd_available(), reason="no s5cmd"))]
-
-
-@pytest.fixture(scope="module")
-def staged(s3_server: SeaweedServer, hf_cache_ro: Path, model_repo: tuple[str, str]) -> str:
-    bucket = s3_server.create_bucket("t-deadlines")
-    stage_from_cache(Store(Settings.from_env(s3_server.env(bucket))), hf_cache_ro, model_repo[0], "main",
-                     Output(io.StringIO(), json_mode=True), part_size=1 << 16)
-    return bucket
 
 
 @pytest.fixture
@@ -83,17 +52,16 @@ Outcome = tuple[subprocess.CompletedProcess[str], "dict[str, object] | None"]
 
 def run_pull(proxy: FaultProxy, s3_server: SeaweedServer, bucket: str, repo_id: str, engine: str,
              home: Path, limit: int, *, fallback: FakeHub | None = None) -> Outcome:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
-    env.update(s3_server.env(bucket), MINIO_ENDPOINT=proxy.endpoint_url, PYTHONPATH=str(ROOT),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", **DEADLINES)
-    argv = [sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id, "--engine", engine,
-            "--hf-home", str(home), "--report", str(home / "report.json")]
+    env = clean_env(**{**s3_server.env(bucket), "MINIO_ENDPOINT": proxy.endpoint_url},
+                    HF_HUB_DISABLE_XET="1", **DEADLINES)
+    argv = ["--log-format", "json", "pull", repo_id, "--engine", engine, "--hf-home", str(home), "--report",
+            str(home / "report.json")]
     if fallback is None:
         argv.append("--no-fallback")
     else:
         env["HF_ENDPOINT"] = fallback.endpoint
     started = time.monotonic()
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=limit, check=False)
+    done = run_agent(*argv, env=env, timeout=limit)
     print(f"\n{engine}: exit {done.returncode} after {time.monotonic() - started:.1f} s (limit {limit} s)")
     report = home / "report.json"
     return done, json.loads(report.read_text()) if report.exists() else None
@@ -108,29 +76,29 @@ def assert_exit_3_one_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_a_listing_sent_one_byte_every_2s_ends_in_exit_3(
-        proxy: FaultProxy, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
+        proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str],
         tmp_path: Path) -> None:
-    proxy.add_fault("trickle", count=10_000, match=listing(staged))
-    done, _ = run_pull(proxy, s3_server, staged, model_repo[0], "auto", tmp_path, TRICKLE_LIMIT)
+    proxy.add_fault("trickle", count=10_000, match=listing(staged_bucket))
+    done, _ = run_pull(proxy, s3_server, staged_bucket, model_repo[0], "auto", tmp_path, TRICKLE_LIMIT)
     message = assert_exit_3_one_line(done)
     assert "stalled" in message, message
     assert proxy.count(fault="trickle") == 2  # stall_retries=1: one retry, then it gives up
 
 
 def test_a_listing_that_never_answers_ends_in_exit_3(
-        proxy: FaultProxy, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
+        proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str],
         tmp_path: Path) -> None:
-    proxy.add_fault("stall_head", count=10_000, match=listing(staged), stall_seconds=300)
-    done, _ = run_pull(proxy, s3_server, staged, model_repo[0], "auto", tmp_path, SILENT_LIMIT)
+    proxy.add_fault("stall_head", count=10_000, match=listing(staged_bucket), stall_seconds=300)
+    done, _ = run_pull(proxy, s3_server, staged_bucket, model_repo[0], "auto", tmp_path, SILENT_LIMIT)
     assert "first-byte" in assert_exit_3_one_line(done)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_blob_sent_one_byte_every_2s_ends_in_exit_3(
-        engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
-        tmp_path: Path) -> None:
+        engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str,
+        model_repo: tuple[str, str], tmp_path: Path) -> None:
     proxy.add_fault("trickle", count=10_000, match=blob_get)
-    done, _ = run_pull(proxy, s3_server, staged, model_repo[0], engine, tmp_path, TRICKLE_LIMIT)
+    done, _ = run_pull(proxy, s3_server, staged_bucket, model_repo[0], engine, tmp_path, TRICKLE_LIMIT)
     message = assert_exit_3_one_line(done)
     print(f"\ntrickled blob ({engine}): {message}")
     assert proxy.count(fault="trickle") >= 1
@@ -138,18 +106,18 @@ def test_a_blob_sent_one_byte_every_2s_ends_in_exit_3(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_blob_get_that_never_answers_ends_in_exit_3(
-        engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
-        tmp_path: Path) -> None:
+        engine: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str,
+        model_repo: tuple[str, str], tmp_path: Path) -> None:
     proxy.add_fault("stall_head", count=10_000, match=blob_get, stall_seconds=300)
-    done, _ = run_pull(proxy, s3_server, staged, model_repo[0], engine, tmp_path, SILENT_LIMIT)
+    done, _ = run_pull(proxy, s3_server, staged_bucket, model_repo[0], engine, tmp_path, SILENT_LIMIT)
     print(f"\nsilent blob GET ({engine}): {assert_exit_3_one_line(done)[:200]}")
 
 
 def test_a_trickling_bucket_falls_back_to_the_hub(
-        proxy: FaultProxy, s3_server: SeaweedServer, staged: str, model_repo: tuple[str, str],
+        proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str],
         fake_hub: FakeHub, tmp_path: Path) -> None:
     proxy.add_fault("trickle", count=10_000, match=blob_get)
-    done, report = run_pull(proxy, s3_server, staged, model_repo[0], "auto", tmp_path, TRICKLE_LIMIT,
+    done, report = run_pull(proxy, s3_server, staged_bucket, model_repo[0], "auto", tmp_path, TRICKLE_LIMIT,
                             fallback=fake_hub)
     assert done.returncode == 0, done.stderr[-2000:]
     assert report is not None and report["source"] == "hub"

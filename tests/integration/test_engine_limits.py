@@ -9,22 +9,16 @@ bucket path failed. Before this, the native engine ended with a Python traceback
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from agent.output import Output
-from agent.settings import Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
+from tests.support.cli import hub_agent_env, run_agent
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import hub_env, resolve_offline
+from tests.support.hf_cache import resolve_offline
 
-ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = """
 import functools, os, resource, sys
 from agent.engines.native import NativeEngine
@@ -49,18 +43,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> tuple[str, str]:
-    stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", Output(io.StringIO(), json_mode=True))
-    return model_repo
-
-
 def run_starved(hub: FakeHub, hf_home: Path, storage: dict[str, str],
                 *args: str) -> subprocess.CompletedProcess[str]:
-    env = hub_env(hub, hf_home)
-    env.update({k: v for k, v in storage.items() if k.startswith("MINIO_")}, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", LAUNCHER, "--log-format", "text", "pull", *args], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    return run_agent("--log-format", "text", "pull", *args, env=hub_agent_env(hub, hf_home, storage),
+                     launcher=LAUNCHER)
 
 
 @pytest.mark.parametrize("engine", ["native", "python", "s5cmd"])

@@ -11,20 +11,20 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.cache import RepoCache
-from agent.output import Output
+from agent.demo.seaweed import SeaweedServer
 from agent.remote import RemoteRepo
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
+from tests.support.cli import hub_agent_env, run_agent
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import assert_clean_cache, hub_env, resolve_offline
+from tests.support.hf_cache import assert_clean_cache, resolve_offline
+from tests.support.staged import quiet
 
 ABSENT_REPO = "simswarm-test/not-on-the-hub"
 
@@ -36,28 +36,14 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def agent_env(hub: FakeHub, hf_home: Path, storage: dict[str, str] | None) -> dict[str, str]:
-    """A clean environment for `hub`, HF_HOME=hf_home, and the MINIO_* settings of `storage`."""
-    env = hub_env(hub, hf_home)
-    env.update({k: v for k, v in (storage or {}).items() if k.startswith("MINIO_")})
-    return env
-
-
 def run_pull(env: dict[str, str], repo_id: str, report: Path,
              *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "--log-format", "text", "pull", repo_id, "--report", str(report),
-         *flags],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
+    return run_agent("--log-format", "text", "pull", repo_id, "--report", str(report), *flags, env=env)
 
 
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     assert "Traceback" not in proc.stderr, proc.stderr
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-
-
-def stage_tiny(settings: Settings, hf_cache: Path, repo_id: str) -> None:
-    stage_from_cache(Store(settings), hf_cache, repo_id, "main", Output(json_mode=False, quiet=True))
 
 
 @pytest.fixture
@@ -85,7 +71,7 @@ def test_bucket_down_falls_back_to_the_hub(hub: FakeHub, model_repo: tuple[str, 
     storage = {"MINIO_ENDPOINT": f"127.0.0.1:{closed_port()}", "MINIO_ACCESS_KEY": "k",
                "MINIO_SECRET_KEY": "s"}
     hf_home = tmp_path / "hf-home"
-    proc = run_pull(agent_env(hub, hf_home, storage), repo_id, tmp_path / "report.json")
+    proc = run_pull(hub_agent_env(hub, hf_home, storage), repo_id, tmp_path / "report.json")
     assert proc.returncode == 0, proc.stderr
     data = assert_served_from_hub(tmp_path / "report.json", hf_home, repo_id, commit, "cannot connect")
     assert data["blobs_fetched"] == len(hub.downloads()) > 0
@@ -95,7 +81,7 @@ def test_bucket_down_falls_back_to_the_hub(hub: FakeHub, model_repo: tuple[str, 
 def test_storage_off_falls_back_to_the_hub(hub: FakeHub, model_repo: tuple[str, str], tmp_path: Path) -> None:
     repo_id, commit = model_repo
     hf_home = tmp_path / "hf-home"
-    proc = run_pull(agent_env(hub, hf_home, None), repo_id, tmp_path / "report.json")
+    proc = run_pull(hub_agent_env(hub, hf_home, None), repo_id, tmp_path / "report.json")
     assert proc.returncode == 0, proc.stderr
     assert_served_from_hub(tmp_path / "report.json", hf_home, repo_id, commit, "MINIO_ENDPOINT is not set")
 
@@ -104,7 +90,7 @@ def test_model_not_staged_falls_back_to_the_hub(hub: FakeHub, model_repo: tuple[
                                                  settings_env: dict[str, str], tmp_path: Path) -> None:
     repo_id, commit = model_repo
     hf_home = tmp_path / "hf-home"
-    proc = run_pull(agent_env(hub, hf_home, settings_env), repo_id, tmp_path / "report.json")
+    proc = run_pull(hub_agent_env(hub, hf_home, settings_env), repo_id, tmp_path / "report.json")
     assert proc.returncode == 0, proc.stderr
     assert_served_from_hub(tmp_path / "report.json", hf_home, repo_id, commit, "not staged")
 
@@ -124,10 +110,10 @@ def test_corrupt_object_refetches_only_that_blob_from_the_hub(
         hub: FakeHub, model_repo: tuple[str, str], settings: Settings, settings_env: dict[str, str],
         s3_server: SeaweedServer, hf_cache: Path, tmp_path: Path) -> None:
     repo_id, commit = model_repo
-    stage_tiny(settings, hf_cache, repo_id)
+    stage_from_cache(Store(settings), hf_cache, repo_id, "main", quiet())
     bad = corrupt_one_shard(settings, s3_server, repo_id, hf_cache)
     hf_home = tmp_path / "hf-home"
-    proc = run_pull(agent_env(hub, hf_home, settings_env), repo_id, tmp_path / "report.json")
+    proc = run_pull(hub_agent_env(hub, hf_home, settings_env), repo_id, tmp_path / "report.json")
     assert proc.returncode == 0, proc.stderr
     data = assert_served_from_hub(tmp_path / "report.json", hf_home, repo_id, commit,
                                   "does not match|fails its check")
@@ -141,13 +127,13 @@ def test_no_fallback_keeps_the_bucket_error(hub: FakeHub, model_repo: tuple[str,
                                             settings: Settings, settings_env: dict[str, str],
                                             s3_server: SeaweedServer, hf_cache: Path, tmp_path: Path) -> None:
     repo_id, _ = model_repo
-    env = agent_env(hub, tmp_path / "hf-home", settings_env)
+    env = hub_agent_env(hub, tmp_path / "hf-home", settings_env)
     not_staged = run_pull(env, repo_id, tmp_path / "r1.json", "--no-fallback")
     assert not_staged.returncode == 3
     [line] = error_lines(not_staged)
     assert "not staged" in line and "--no-fallback" in line
 
-    stage_tiny(settings, hf_cache, repo_id)
+    stage_from_cache(Store(settings), hf_cache, repo_id, "main", quiet())
     corrupt_one_shard(settings, s3_server, repo_id, hf_cache)
     corrupt = run_pull(env, repo_id, tmp_path / "r2.json", "--no-fallback")
     assert corrupt.returncode == 4
@@ -160,7 +146,7 @@ def test_storage_off_without_fallback_and_no_copy_in_the_cache_is_not_available_
         hub: FakeHub, model_repo: tuple[str, str], tmp_path: Path) -> None:
     """Storage off and no fallback is a valid setup (a pre-filled model volume), so a cache without the
     model is "not available" (3, as the README's table says), not a configuration error (2)."""
-    proc = run_pull(agent_env(hub, tmp_path / "hf-home", None), model_repo[0], tmp_path / "r.json",
+    proc = run_pull(hub_agent_env(hub, tmp_path / "hf-home", None), model_repo[0], tmp_path / "r.json",
                     "--no-fallback")
     assert proc.returncode == 3
     [line] = error_lines(proc)
@@ -171,7 +157,7 @@ def test_storage_off_without_fallback_and_no_copy_in_the_cache_is_not_available_
 def test_hub_offline_in_the_agent_env_forbids_the_fallback(hub: FakeHub, model_repo: tuple[str, str],
                                                            settings_env: dict[str, str],
                                                            tmp_path: Path) -> None:
-    env = {**agent_env(hub, tmp_path / "hf-home", settings_env), "HF_HUB_OFFLINE": "1"}
+    env = {**hub_agent_env(hub, tmp_path / "hf-home", settings_env), "HF_HUB_OFFLINE": "1"}
     proc = run_pull(env, model_repo[0], tmp_path / "r.json")
     assert proc.returncode == 3
     [line] = error_lines(proc)
@@ -181,7 +167,7 @@ def test_hub_offline_in_the_agent_env_forbids_the_fallback(hub: FakeHub, model_r
 
 def test_hub_failure_names_both_causes_in_one_line(hub: FakeHub, settings_env: dict[str, str],
                                                    tmp_path: Path) -> None:
-    proc = run_pull(agent_env(hub, tmp_path / "hf-home", settings_env), ABSENT_REPO, tmp_path / "r.json")
+    proc = run_pull(hub_agent_env(hub, tmp_path / "hf-home", settings_env), ABSENT_REPO, tmp_path / "r.json")
     assert proc.returncode == 3
     [line] = error_lines(proc)
     assert "bucket: " in line and "not staged" in line
@@ -194,7 +180,7 @@ def test_hub_outage_with_the_bucket_down_is_exit_3(hub: FakeHub, model_repo: tup
     try:
         storage = {"MINIO_ENDPOINT": f"127.0.0.1:{closed_port()}", "MINIO_ACCESS_KEY": "k",
                    "MINIO_SECRET_KEY": "s"}
-        proc = run_pull(agent_env(hub, tmp_path / "hf-home", storage), model_repo[0], tmp_path / "r.json")
+        proc = run_pull(hub_agent_env(hub, tmp_path / "hf-home", storage), model_repo[0], tmp_path / "r.json")
     finally:
         hub.available = True
     assert proc.returncode == 3
@@ -205,13 +191,13 @@ def test_hub_outage_with_the_bucket_down_is_exit_3(hub: FakeHub, model_repo: tup
 def test_write_back_stages_the_hub_copy_for_the_next_pod(
         hub: FakeHub, model_repo: tuple[str, str], settings_env: dict[str, str], tmp_path: Path) -> None:
     repo_id, commit = model_repo
-    first = run_pull(agent_env(hub, tmp_path / "pod1", settings_env), repo_id, tmp_path / "r1.json",
+    first = run_pull(hub_agent_env(hub, tmp_path / "pod1", settings_env), repo_id, tmp_path / "r1.json",
                      "--write-back")
     assert first.returncode == 0, first.stderr
     assert json.loads((tmp_path / "r1.json").read_text())["source"] == "hub"
 
     hub.clear_requests()
-    second = run_pull(agent_env(hub, tmp_path / "pod2", settings_env), repo_id, tmp_path / "r2.json",
+    second = run_pull(hub_agent_env(hub, tmp_path / "pod2", settings_env), repo_id, tmp_path / "r2.json",
                       "--no-fallback")
     assert second.returncode == 0, second.stderr
     data = json.loads((tmp_path / "r2.json").read_text())
@@ -221,10 +207,9 @@ def test_write_back_stages_the_hub_copy_for_the_next_pod(
 
 def test_a_hub_fallback_keeps_the_pod_log_one_json_object_per_line(
         hub: FakeHub, model_repo: tuple[str, str], tmp_path: Path) -> None:
-    env = agent_env(hub, tmp_path / "hf-home", None)
+    env = hub_agent_env(hub, tmp_path / "hf-home", None)
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # as in a pod: huggingface_hub would draw its bars
-    proc = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", model_repo[0]],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = run_agent("--log-format", "json", "pull", model_repo[0], env=env)
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stderr.splitlines()]  # a tqdm bar would not parse
     names = [e["event"] for e in events]
@@ -236,12 +221,12 @@ def test_a_complete_copy_in_the_cache_is_served_when_the_bucket_is_down(
         hub: FakeHub, model_repo: tuple[str, str], tmp_path: Path) -> None:
     repo_id, commit = model_repo
     hf_home = tmp_path / "hf-home"
-    first = run_pull(agent_env(hub, hf_home, None), repo_id, tmp_path / "r1.json")  # an earlier pod
+    first = run_pull(hub_agent_env(hub, hf_home, None), repo_id, tmp_path / "r1.json")  # an earlier pod
     assert first.returncode == 0, first.stderr
     hub.clear_requests()
     storage = {"MINIO_ENDPOINT": f"127.0.0.1:{closed_port()}", "MINIO_ACCESS_KEY": "k",
                "MINIO_SECRET_KEY": "s"}
-    env = agent_env(hub, hf_home, storage)
+    env = hub_agent_env(hub, hf_home, storage)
     again = run_pull(env, repo_id, tmp_path / "r2.json", "--no-fallback")
     assert again.returncode == 0, again.stderr
     data = json.loads((tmp_path / "r2.json").read_text())

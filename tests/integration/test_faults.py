@@ -11,10 +11,7 @@ are here too.
 
 from __future__ import annotations
 
-import io
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,69 +21,26 @@ import pytest
 
 import agent.fetch
 import agent.pull
-from agent.cache import BLOB_RE, RepoCache
+from agent.cache import RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.engines.base import TransferConfig
 from agent.errors import AgentError, ConfigError, CredentialsError
 from agent.manifest import Manifest
-from agent.output import Output
 from agent.policy import RetryPolicy
 from agent.pull import PullOptions, PullResult, pull_from_store
-from agent.remote import RemoteRepo
 from agent.settings import Deadlines, Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.verify import audit_cache, check_content
+from agent.verify import audit_cache
+from tests.support.cli import clean_env, run_agent
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache
+from tests.support.mounts import tmpfs
+from tests.support.staged import ENGINES, NATIVE, assert_no_bad_final_blob, quiet
 
-ROOT = Path(__file__).resolve().parents[2]
-PART = 1 << 16  # sidecar parts of 64 KiB: each ~256 KiB shard is several ranged GETs
-
-
-def _native_available() -> bool:
-    try:
-        from agent.engines.native import NativeEngine
-
-        return NativeEngine.available()
-    except ImportError:
-        return False
-
-
-def _s5cmd_available() -> bool:
-    from agent.engines.s5cmd import S5cmdEngine
-
-    return S5cmdEngine.available()
-
-
-PRESIGNED_ENGINES = ["python",
-                     pytest.param("native", marks=pytest.mark.skipif(not _native_available(),
-                                                                     reason="no native ext"))]
-ENGINES = ["python",
-           pytest.param("native", marks=pytest.mark.skipif(not _native_available(), reason="no native ext")),
-           pytest.param("s5cmd", marks=pytest.mark.skipif(not _s5cmd_available(), reason="no s5cmd"))]
+PRESIGNED_ENGINES = ["python", NATIVE]
 
 # Short timeouts and backoff so every case stays well under 10 s; the logic is the production one.
 FAST = TransferConfig(concurrency=2, deadlines=Deadlines(connect=2.0, first_byte=1.0),
                       retry=RetryPolicy(max_retries=3, base=0.05, cap=1.0))
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
-
-
-@pytest.fixture(scope="module")
-def staged_bucket(s3_server: SeaweedServer, hf_cache_ro: Path, model_repo: tuple[str, str]) -> str:
-    """The tiny model staged once (compact form, 64 KiB part digests) in a bucket of this module."""
-    bucket = s3_server.create_bucket("t-faults")
-    stage_from_cache(Store(Settings.from_env(s3_server.env(bucket))), hf_cache_ro, model_repo[0], "main",
-                     quiet(), part_size=PART)
-    return bucket
-
-
-@pytest.fixture(scope="module")
-def manifest(s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str]) -> Manifest:
-    return RemoteRepo(Store(Settings.from_env(s3_server.env(staged_bucket))), model_repo[0]).load().manifest
 
 
 @pytest.fixture
@@ -107,17 +61,6 @@ def blob_get(name: str) -> Callable[[str, str, str | None], bool]:
 
 def pull(settings: Settings, repo_id: str, engine: str, transfer: TransferConfig = FAST) -> PullResult:
     return pull_from_store(settings, PullOptions(repo_id, engine=engine, transfer=transfer), quiet())
-
-
-def assert_no_bad_final_blob(cache: RepoCache, manifest: Manifest) -> None:
-    """Hash every file under a final blob name: each must be a blob of the manifest with its bytes."""
-    if not cache.blobs.is_dir():
-        return
-    blobs = manifest.blobs()
-    for path in cache.blobs.iterdir():
-        if BLOB_RE.match(path.name):
-            assert path.name in blobs, f"unexpected blob {path.name}"
-            assert check_content(path, blobs[path.name]) is None, f"wrong bytes under {path.name}"
 
 
 def assert_real_client_reads(settings: Settings, repo_id: str, manifest: Manifest, model_dir: Path) -> None:
@@ -296,16 +239,8 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
-    try:
+    with tmpfs(tmp_path / "small-disk", "1536k") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 
 def fill_when(ready: Callable[[list[str]], bool], blobs: Path, filler: Path, stop: threading.Event) -> None:
@@ -334,17 +269,6 @@ def s5cmd_writing(blob: str) -> Callable[[list[str]], bool]:
     return lambda names: any(n.startswith(prefix) and n[len(prefix):].isdigit() for n in names)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1", **extra)
-    return env
-
-
-DISK_ENGINES = [
-    "python",
-    pytest.param("native", marks=pytest.mark.skipif(not _native_available(), reason="no native ext")),
-    pytest.param("s5cmd", marks=pytest.mark.skipif(not _s5cmd_available(), reason="no s5cmd")),
-]
 # Which write meets the full disk first is a race for s5cmd: its own (exit 3, the bug pinned down by
 # test_s5cmd_reporting_a_full_disk_is_exit_5) or the agent's bookkeeping (exit 5).
 DISK_EXITS = {"python": {5}, "native": {5}, "s5cmd": {3, 5}}
@@ -358,7 +282,7 @@ def test_s5cmd_reporting_a_full_disk_is_exit_5() -> None:
     assert classify([line], 1, 1, 1, []).exit_code == 5
 
 
-@pytest.mark.parametrize("engine", DISK_ENGINES)
+@pytest.mark.parametrize("engine", ENGINES)
 def test_disk_filling_up_during_the_download_exits_5_and_a_rerun_with_space_completes(
         engine: str, small_disk: Path, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str,
         manifest: Manifest, model_repo: tuple[str, str], tiny_model: Path) -> None:
@@ -374,11 +298,10 @@ def test_disk_filling_up_during_the_download_exits_5_and_a_rerun_with_space_comp
     ready = s5cmd_writing(big) if engine == "s5cmd" else first_part_landed
     thread = threading.Thread(target=fill_when, args=(ready, cache.blobs, filler, stop), daemon=True)
     thread.start()
-    argv = [sys.executable, "-c", LAUNCHER, "--log-format", "json", "pull", repo_id, "--engine", engine,
-            "--concurrency", "1", "--hf-home", str(small_disk), "--no-fallback"]
+    argv = ["--log-format", "json", "pull", repo_id, "--engine", engine, "--concurrency", "1", "--hf-home",
+            str(small_disk), "--no-fallback"]
     try:
-        done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                              check=False)
+        done = run_agent(*argv, env=env, launcher=LAUNCHER, timeout=60)
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -394,7 +317,7 @@ def test_disk_filling_up_during_the_download_exits_5_and_a_rerun_with_space_comp
 
     filler.unlink()
     proxy.clear()
-    again = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    again = run_agent(*argv, env=env, launcher=LAUNCHER, timeout=60)
     assert again.returncode == 0, again.stderr[-2000:]
     settings = Settings.from_env({"HF_HOME": str(small_disk)})
     assert_real_client_reads(settings, repo_id, manifest, tiny_model)

@@ -13,23 +13,22 @@ shared, and the figures are for the README, not a gate.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.output import Output
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.remote import RemoteRepo
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 from bench.many_pods import REPO_ID, Phase, pod_env, run_phase
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache
+from tests.support.staged import quiet
 
 PODS = 16
 SHARDS, SHARD_MIB = 4, 4
@@ -43,7 +42,7 @@ def load_bucket(s3_server: SeaweedServer, tmp_path_factory: pytest.TempPathFacto
     seed_cache(source, cache, REPO_ID, fake_commit(REPO_ID))
     bucket = s3_server.create_bucket("t-load")
     stage_from_cache(Store(Settings.from_env(s3_server.env(bucket))), cache, REPO_ID, "main",
-                     Output(io.StringIO(), json_mode=True), part_size=1 << 20)
+                     quiet(), part_size=1 << 20)
     return bucket
 
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
+from agent.demo.seaweed import SeaweedServer
 from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.errors import CredentialsError, NotFoundError, StorageUnavailableError, VerificationError
 from agent.policy import RetryPolicy
 from agent.settings import Deadlines
-from agent.testbed.seaweed import SeaweedServer
 from tests.support.fault_server import FaultKind, FaultProxy
 
 native = pytest.importorskip("agent._native")

@@ -12,43 +12,38 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.errors import VerificationError
 from agent.manifest import DEFAULT_PART_SIZE, Manifest
-from agent.output import Output
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 from agent.verify import audit_cache
+from tests.support.cli import clean_env, start_agent
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache, resolve_offline
+from tests.support.staged import copy_legacy, quiet
 
-ROOT = Path(__file__).resolve().parents[2]
 REPO = "simswarm-test/one-pass"
 PREFIX = f"{MODELS_PREFIX}models--simswarm-test--one-pass/"
 MIB = 1 << 20
 WEIGHTS_SIZE = 6 * MIB + 12345
 RANGE = re.compile(r"bytes=(\d+)-(\d+)")
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 def native_or_skip() -> None:
@@ -76,14 +71,8 @@ def stage(store: Store, hub: Path, part_size: int = MIB) -> Manifest:
 
 
 def stage_legacy(store: Store, hub: Path, commit: str) -> Manifest:
-    """What `s5cmd cp` of a cache made before 1.0 leaves: blobs, full snapshot copies, a ref, no trees/
-    and no sidecar."""
-    cache = RepoCache(hub, REPO)
-    for blob in cache.blobs.iterdir():
-        store.put_bytes(PREFIX + f"blobs/{blob.name}", blob.read_bytes())
-    for relpath, path in cache.snapshot_entries(commit):
-        store.put_bytes(PREFIX + f"snapshots/{commit}/{relpath}", path.read_bytes())
-    store.put_bytes(PREFIX + "refs/main", commit.encode())
+    """The model in legacy form (`copy_legacy`: what `s5cmd cp` of a cache made before 1.0 leaves)."""
+    copy_legacy(store, hub, REPO, commit)
     snap = RemoteRepo(store, REPO).load()
     assert snap.form == "legacy" and snap.sidecar is None
     return snap.manifest
@@ -95,6 +84,32 @@ def pull(settings: Settings, **options: object) -> PullResult:
 
 def weights_name(manifest: Manifest) -> str:
     return manifest.files["model.safetensors"].blob_name
+
+
+class Staged(NamedTuple):
+    store: Store
+    hub: Path  # the hub cache it was staged from
+    commit: str
+    manifest: Manifest
+    name: str  # the blob of the weight file
+
+
+def stage_weights(settings: Settings, local: tuple[Path, str], form: str = "compact",
+                  part_size: int = MIB) -> Staged:
+    """The model of `local` (hub cache, commit) in the test's bucket, compact (part digests of
+    `part_size`) or legacy."""
+    hub, commit = local
+    store = Store(settings)
+    manifest = stage(store, hub, part_size) if form == "compact" else stage_legacy(store, hub, commit)
+    return Staged(store, hub, commit, manifest, weights_name(manifest))
+
+
+def corrupt_weights(staged: Staged) -> bytes:
+    """The weight object in the bucket with one bit flipped; returns its new bytes."""
+    bad = bytearray(RepoCache(staged.hub, REPO).blob_path(staged.name).read_bytes())
+    bad[len(bad) // 3] ^= 0x01
+    staged.store.put_bytes(PREFIX + f"blobs/{staged.name}", bytes(bad))
+    return bytes(bad)
 
 
 def assert_valid(settings: Settings, manifest: Manifest) -> None:
@@ -121,13 +136,6 @@ def edit_sidecar(store: Store, commit: str, change: object) -> None:
     doc = json.loads(store.get_bytes(key))
     change(doc)  # type: ignore[operator]
     store.put_bytes(key, json.dumps(doc).encode())
-
-
-def corrupt_object(store: Store, name: str, data: bytes) -> bytes:
-    bad = bytearray(data)
-    bad[len(bad) // 3] ^= 0x01
-    store.put_bytes(PREFIX + f"blobs/{name}", bytes(bad))
-    return bytes(bad)
 
 
 # -- 1. bound part digests ----------------------------------------------------------------------------
@@ -163,11 +171,9 @@ def test_a_sidecar_not_bound_to_the_blob_cannot_vouch_for_corrupt_bytes(
     """The object and its part digests agree with each other but not with the blob's name: only the
     whole hash can tell, and it runs because the sidecar is not bound."""
     native_or_skip()
-    hub, commit = local_cache
-    store = Store(settings)
-    manifest = stage(store, hub)
-    name = weights_name(manifest)
-    bad = corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+    staged = stage_weights(settings, local_cache)
+    store, _, commit, _, name = staged
+    bad = corrupt_weights(staged)
 
     def rewrite(doc: dict[str, object]) -> None:
         entry = doc["blobs"][name]  # type: ignore[index]
@@ -189,10 +195,7 @@ def test_a_lying_part_digest_never_gives_the_blob_its_final_name(
         engine: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
     if engine == "native":
         native_or_skip()
-    hub, commit = local_cache
-    store = Store(settings)
-    manifest = stage(store, hub)
-    name = weights_name(manifest)
+    store, _, commit, _, name = stage_weights(settings, local_cache)
     edit_sidecar(store, commit, lambda doc: doc["blobs"][name]["parts"].__setitem__(2, "0" * 64))
     with pytest.raises(VerificationError):
         pull(settings, engine=engine)
@@ -206,11 +209,9 @@ def test_rehash_hashes_whole_blobs_even_when_their_parts_prove_them(
     """A sidecar that says it is bound while its object is corrupt is the one thing parts cannot catch
     (the bucket vouches for both); `--rehash` is for whoever wants both checks."""
     native_or_skip()
-    hub, commit = local_cache
-    store = Store(settings)
-    manifest = stage(store, hub)
-    name = weights_name(manifest)
-    bad = corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+    staged = stage_weights(settings, local_cache)
+    store, _, commit, _, name = staged
+    bad = corrupt_weights(staged)
     edit_sidecar(store, commit, lambda doc: doc["blobs"][name].__setitem__(
         "parts", [hashlib.sha256(bad[o:o + MIB]).hexdigest() for o in range(0, len(bad), MIB)]))
     with pytest.raises(VerificationError):
@@ -237,20 +238,14 @@ def test_sigkill_mid_part_keeps_the_written_bytes_and_the_rerun_fetches_only_the
     on disk within a fraction of a second; SIGKILL; the rerun asks the proxy for the other half only,
     re-checks the kept half (part digest or whole hash) and ends in a valid cache."""
     native_or_skip()
-    hub, commit = local_cache
-    store = Store(settings)
     # compact: one 8 MiB part, so the kill lands inside a part, never on a part boundary
-    manifest = stage(store, hub, part_size=8 * MIB) if form == "compact" else stage_legacy(store, hub, commit)
-    name = weights_name(manifest)
+    _, _, _, manifest, name = stage_weights(settings, local_cache, form, part_size=8 * MIB)
     cache = RepoCache(settings.hub_cache, REPO)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MINIO_", "AWS_"))}
     with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
         proxy.add_fault("stall", count=1, match=f"/blobs/{name}", stall_seconds=60)
-        env.update({**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url, "PYTHONPATH": str(ROOT)})
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "--log-format", "json", "pull", REPO,
-                                 "--engine", "native", "--concurrency", "1", "--no-fallback"],
-                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        env = clean_env(**{**settings_env, "MINIO_ENDPOINT": proxy.endpoint_url})
+        proc = start_agent("--log-format", "json", "pull", REPO, "--engine", "native", "--concurrency", "1",
+                           "--no-fallback", env=env, stdout=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 60
             while checkpointed(cache, name) < WEIGHTS_SIZE // 3:
@@ -280,10 +275,7 @@ def test_a_kept_part_that_fails_its_digest_is_fetched_again_and_only_it(
     """A checkpoint claims bytes whose content was damaged afterwards: the engine re-reads them into
     the part's digest, finds the mismatch, and fetches that part again, and no other."""
     native_or_skip()
-    hub, _ = local_cache
-    store = Store(settings)
-    manifest = stage(store, hub)
-    name = weights_name(manifest)
+    _, hub, _, manifest, name = stage_weights(settings, local_cache)
     data = RepoCache(hub, REPO).blob_path(name).read_bytes()
     cache = RepoCache(settings.hub_cache, REPO)
     cache.ensure_dirs()
@@ -321,9 +313,7 @@ def test_a_legacy_blob_whose_reads_are_flipped_one_in_four_is_repaired_by_agreei
     """Every fourth GET of the weights has a flipped byte, so the whole hash fails round after round
     until each part's last read agrees with an earlier one; then it passes."""
     native_or_skip()
-    hub, commit = three_part_cache
-    manifest = stage_legacy(Store(settings), hub, commit)
-    name = weights_name(manifest)
+    _, _, _, manifest, name = stage_weights(settings, three_part_cache, "legacy")
     with FaultProxy(s3_server.endpoint_url, preserve_host=True) as proxy:
         reads = 0
 
@@ -347,11 +337,9 @@ def test_a_legacy_blob_whose_reads_are_flipped_one_in_four_is_repaired_by_agreei
 def test_a_legacy_object_corrupt_in_the_bucket_ends_in_exit_4_after_reads_agree(
         settings: Settings, local_cache: tuple[Path, str]) -> None:
     native_or_skip()
-    hub, commit = local_cache
-    store = Store(settings)
-    manifest = stage_legacy(store, hub, commit)
-    name = weights_name(manifest)
-    corrupt_object(store, name, RepoCache(hub, REPO).blob_path(name).read_bytes())
+    staged = stage_weights(settings, local_cache, "legacy")
+    name = staged.name
+    corrupt_weights(staged)
     with pytest.raises(VerificationError) as info:
         pull(settings, engine="native")
     assert info.value.exit_code == 4

@@ -10,12 +10,10 @@ agents started at once on one cache both succeed, and the model is downloaded ab
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,19 +21,13 @@ from pathlib import Path
 import pytest
 
 from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.manifest import Manifest
-from agent.output import Output
-from agent.remote import RemoteRepo
-from agent.settings import Settings
-from agent.stage import stage_from_cache
-from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.verify import audit_cache, check_content
+from agent.verify import audit_cache
+from tests.support.cli import clean_env, kill_group, live_group_members, run_agent, start_agent
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache, resolve_offline
-
-ROOT = Path(__file__).resolve().parents[2]
-PART = 1 << 16
+from tests.support.staged import assert_no_bad_final_blob
 
 # Runs the real CLI; with SLOW_AT=ref the ref write first drops a marker file and sleeps, so a test can
 # strike in the instant between the last link and the ref (too short to hit by polling otherwise).
@@ -54,29 +46,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1", **extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def staged_bucket(s3_server: SeaweedServer, hf_cache_ro: Path, model_repo: tuple[str, str]) -> str:
-    bucket = s3_server.create_bucket("t-process-faults")
-    stage_from_cache(Store(Settings.from_env(s3_server.env(bucket))), hf_cache_ro, model_repo[0], "main",
-                     quiet(), part_size=PART)
-    return bucket
-
-
-@pytest.fixture(scope="module")
-def manifest(s3_server: SeaweedServer, staged_bucket: str, model_repo: tuple[str, str]) -> Manifest:
-    return RemoteRepo(Store(Settings.from_env(s3_server.env(staged_bucket))), model_repo[0]).load().manifest
-
-
 @pytest.fixture
 def slow_proxy(s3_server: SeaweedServer) -> Iterator[FaultProxy]:
     """Every blob GET pauses mid-body: with one stream a pull of the tiny model takes a few seconds."""
@@ -87,10 +56,9 @@ def slow_proxy(s3_server: SeaweedServer) -> Iterator[FaultProxy]:
 
 def start(env: dict[str, str], hf_home: Path, repo_id: str, *extra: str, engine: str = "python",
           concurrency: str = "1") -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", LAUNCHER, "--log-format", "json", "pull", repo_id, "--engine", engine,
-            "--concurrency", concurrency, "--hf-home", str(hf_home), "--no-fallback", *extra]
-    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return start_agent("--log-format", "json", "pull", repo_id, "--engine", engine, "--concurrency",
+                       concurrency, "--hf-home", str(hf_home), "--no-fallback", *extra, env=env,
+                       launcher=LAUNCHER)
 
 
 def wait_until(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str,
@@ -120,23 +88,6 @@ def parts_done(cache: RepoCache) -> int:
     return done
 
 
-def live_group_members(pgid: int) -> list[str]:
-    """The group's processes that could still write. One with no command line is past releasing its
-    memory on the way out (multiprocessing's forkserver and resource tracker end once the agent has,
-    and may be caught there a moment after it): it can write nothing more."""
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid", "status", "cmdline"]):
-        try:
-            exiting = process.info["status"] == psutil.STATUS_ZOMBIE or not process.info["cmdline"]
-            if os.getpgid(process.pid) == pgid and not exiting:
-                found.append(" ".join(process.info["cmdline"] or []))
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
 def strike(proc: subprocess.Popen[str], sig: int) -> str:
     """SIGKILL the whole group (the pod vanishes) or SIGTERM the agent alone (the kubelet); returns stderr."""
     try:
@@ -155,21 +106,12 @@ def strike(proc: subprocess.Popen[str], sig: int) -> str:
         assert live_group_members(proc.pid) == []  # no worker left writing into the cache
         return stderr
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def assert_no_bad_final_blob(cache: RepoCache, manifest: Manifest) -> None:
-    blobs = manifest.blobs()
-    for name in final_blobs(cache):
-        assert name in blobs and check_content(cache.blob_path(name), blobs[name]) is None, name
+        kill_group(proc)
 
 
 def rerun(env: dict[str, str], hf_home: Path, repo_id: str, report: Path) -> dict[str, object]:
-    done = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id,
-                           "--hf-home", str(hf_home), "--no-fallback", "--report", str(report)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    done = run_agent("--log-format", "json", "pull", repo_id, "--hf-home", str(hf_home), "--no-fallback",
+                     "--report", str(report), env=env, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     result: dict[str, object] = json.loads(report.read_text())
     return result
@@ -262,9 +204,7 @@ def test_two_agents_pulling_one_model_into_one_cache_both_succeed_and_download_i
             outputs.append(proc.communicate(timeout=60))
     finally:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            kill_group(proc)
     for proc, (_, stderr) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, stderr[-2000:]
     results = [json.loads(r.read_text()) for r in reports]

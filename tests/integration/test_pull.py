@@ -5,8 +5,6 @@ right exit code and never leave a bad blob under its final name; stale pre-seeds
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -17,13 +15,15 @@ import time
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 import agent.clean
 import agent.verify
 from agent.cache import BLOB_RE, PART_SUFFIX, STATE_SUFFIX, RepoCache
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import (
     DiskFullError,
     ManifestError,
@@ -32,36 +32,26 @@ from agent.errors import (
     VerificationError,
 )
 from agent.manifest import Manifest, parse_manifest
-from agent.output import Output
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.settings import MODELS_PREFIX, Settings
-from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer
-from agent.verify import audit_cache, check_content
+from agent.verify import audit_cache
+from tests.support.cli import clean_env, kill_group, live_group_members, run_agent, start_agent
 from tests.support.fake_hub import FakeHub, read_tree
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import build_hf_cache
+from tests.support.staged import (
+    assert_no_bad_final_blob,
+    bucket_manifest,
+    native_available,
+    quiet,
+    s5cmd_upload,
+    stage,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-PART = 1 << 16
 BIG_PART = 1 << 20
 BIG_REPO = "simswarm-test/resume-llama"
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
-
-
-def native_available() -> bool:
-    try:
-        from agent.engines import pick_engine
-
-        return pick_engine("auto").name == "native"
-    except Exception:
-        return False
 
 
 # `auto` picks the native engine when its extension loads; without it `auto` would only repeat `python`.
@@ -72,21 +62,6 @@ def pull(settings: Settings, repo_id: str, **options: Any) -> PullResult:
     opts = PullOptions(repo_id, engine=options.pop("engine", "python"),
                        concurrency=options.pop("concurrency", 2), **options)
     return pull_from_store(settings, opts, quiet())
-
-
-def stage(settings: Settings, cache_dir: Path, repo_id: str, part_size: int = PART) -> None:
-    stage_from_cache(Store(settings), cache_dir, repo_id, "main", quiet(), part_size=part_size)
-
-
-def bucket_manifest(settings: Settings, repo_id: str) -> Manifest:
-    return RemoteRepo(Store(settings), repo_id).load("main").manifest
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "MINIO_", "AWS_"))}
-    env.update(PYTHONPATH=str(ROOT), **extra)
-    return env
 
 
 OFFLINE_RESOLVE = """
@@ -103,17 +78,6 @@ def resolve_offline(repo_id: str, hub_cache: Path, tmp_path: Path) -> Path:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return Path(done.stdout.strip().splitlines()[-1])
-
-
-def assert_no_bad_final_blob(cache: RepoCache, manifest: Manifest) -> None:
-    """Whatever sits under a final blob name passes its full check."""
-    if not cache.blobs.is_dir():
-        return
-    blobs = manifest.blobs()
-    for path in cache.blobs.iterdir():
-        if BLOB_RE.match(path.name):
-            assert path.name in blobs, f"unexpected blob {path.name}"
-            assert check_content(path, blobs[path.name]) is None, path.name
 
 
 def assert_valid_cache(settings: Settings, repo_id: str, manifest: Manifest, tmp_path: Path) -> Path:
@@ -133,6 +97,7 @@ def assert_valid_cache(settings: Settings, repo_id: str, manifest: Manifest, tmp
 
 @pytest.fixture
 def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> Manifest:
+    """Overrides conftest's `staged`: these tests want the staged manifest, and parts of 64 KiB."""
     stage(settings, hf_cache, model_repo[0])
     return bucket_manifest(settings, model_repo[0])
 
@@ -217,15 +182,6 @@ def test_size_mode_pull_is_valid_too(settings: Settings, staged: Manifest, model
 # -- legacy buckets: a real `s5cmd cp` of a cache --------------------------------------------------------
 
 
-def s5cmd_upload(s3_server: SeaweedServer, cache_dir: Path, bucket: str) -> None:
-    env = clean_env(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
-                    AWS_REGION="us-east-1")
-    done = subprocess.run(["s5cmd", "--endpoint-url", s3_server.endpoint_url, "cp", f"{cache_dir}/",
-                           f"s3://{bucket}/{MODELS_PREFIX}"], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("with_trees", [True, False], ids=["with-trees", "no-trees"])
 def test_legacy_bucket_pull_downloads_each_distinct_blob_once(
@@ -300,14 +256,32 @@ def progress_on_disk(cache: RepoCache, manifest: Manifest) -> int:
     return done
 
 
-def start_pull(env: dict[str, str], hf_home: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "agent", "pull", BIG_REPO, "--engine", "python", "--concurrency", "1",
-           "--hf-home", str(hf_home), "--no-fallback", *extra]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+class BigPull(NamedTuple):
+    hf_home: Path
+    settings: Settings  # for the cache at hf_home, the bucket reached directly
+    manifest: Manifest
+    cache: RepoCache
+    proc: subprocess.Popen[str]
 
 
-def wait_for_progress(proc: subprocess.Popen[bytes], cache: RepoCache, manifest: Manifest,
+@pytest.fixture
+def big_pull(s3_server: SeaweedServer, big_bucket: str, slow_proxy: FaultProxy,
+             tmp_path: Path) -> Iterator[BigPull]:
+    """`pull` of the big model as a process, one stream through the slow proxy, into an empty cache;
+    its whole process group is killed at the end, whatever the test did."""
+    hf_home = tmp_path / "hf-home"
+    settings = Settings.from_env({**s3_server.env(big_bucket), "HF_HOME": str(hf_home)})
+    env = clean_env(**{**s3_server.env(big_bucket), "MINIO_ENDPOINT": slow_proxy.endpoint_url})
+    proc = start_agent("pull", BIG_REPO, "--engine", "python", "--concurrency", "1", "--hf-home",
+                       str(hf_home), "--no-fallback", env=env)
+    try:
+        yield BigPull(hf_home, settings, bucket_manifest(settings, BIG_REPO),
+                      RepoCache(settings.hub_cache, BIG_REPO), proc)
+    finally:
+        kill_group(proc)
+
+
+def wait_for_progress(proc: subprocess.Popen[str], cache: RepoCache, manifest: Manifest,
                       fraction: float, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while progress_on_disk(cache, manifest) < fraction * manifest.total_size:
@@ -316,33 +290,9 @@ def wait_for_progress(proc: subprocess.Popen[bytes], cache: RepoCache, manifest:
         time.sleep(0.02)
 
 
-def live_group_members(pgid: int) -> list[str]:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid", "status", "cmdline"]):
-        try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(" ".join(process.info["cmdline"] or []))
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
 def test_pull_killed_with_sigkill_resumes_without_refetching_what_landed(
-        s3_server: SeaweedServer, big_bucket: str, slow_proxy: FaultProxy, tmp_path: Path) -> None:
-    hf_home = tmp_path / "hf-home"
-    settings = Settings.from_env({**s3_server.env(big_bucket), "HF_HOME": str(hf_home)})
-    manifest = bucket_manifest(settings, BIG_REPO)
-    cache = RepoCache(settings.hub_cache, BIG_REPO)
-    env = clean_env(**{**s3_server.env(big_bucket), "MINIO_ENDPOINT": slow_proxy.endpoint_url})
-    proc = start_pull(env, hf_home)
+        s3_server: SeaweedServer, big_bucket: str, big_pull: BigPull, tmp_path: Path) -> None:
+    hf_home, settings, manifest, cache, proc = big_pull
     try:
         wait_for_progress(proc, cache, manifest, 0.5)
     finally:
@@ -352,24 +302,16 @@ def test_pull_killed_with_sigkill_resumes_without_refetching_what_landed(
     assert_no_bad_final_blob(cache, manifest)
 
     report = tmp_path / "report.json"
-    rerun = subprocess.run([sys.executable, "-m", "agent", "pull", BIG_REPO, "--engine", "python",
-                            "--hf-home", str(hf_home), "--no-fallback", "--report", str(report)],
-                           env=clean_env(**s3_server.env(big_bucket)), cwd=ROOT, capture_output=True,
-                           timeout=120, check=False)
+    rerun = run_agent("pull", BIG_REPO, "--engine", "python", "--hf-home", str(hf_home), "--no-fallback",
+                      "--report", str(report), env=clean_env(**s3_server.env(big_bucket)))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     result = json.loads(report.read_text())
     assert 0 < result["bytes_downloaded"] < 0.6 * manifest.total_size
     assert_valid_cache(settings, BIG_REPO, manifest, tmp_path)
 
 
-def test_sigterm_exits_143_promptly_and_leaves_no_unverified_final_blob(
-        s3_server: SeaweedServer, big_bucket: str, slow_proxy: FaultProxy, tmp_path: Path) -> None:
-    hf_home = tmp_path / "hf-home"
-    settings = Settings.from_env({**s3_server.env(big_bucket), "HF_HOME": str(hf_home)})
-    manifest = bucket_manifest(settings, BIG_REPO)
-    cache = RepoCache(settings.hub_cache, BIG_REPO)
-    env = clean_env(**{**s3_server.env(big_bucket), "MINIO_ENDPOINT": slow_proxy.endpoint_url})
-    proc = start_pull(env, hf_home)
+def test_sigterm_exits_143_promptly_and_leaves_no_unverified_final_blob(big_pull: BigPull) -> None:
+    _, _, manifest, cache, proc = big_pull
     try:
         wait_for_progress(proc, cache, manifest, 0.2)
         os.kill(proc.pid, signal.SIGTERM)  # only the agent, as the kubelet signals PID 1
@@ -383,7 +325,7 @@ def test_sigterm_exits_143_promptly_and_leaves_no_unverified_final_blob(
         kill_group(proc)
     assert proc.returncode == 143
     assert took < 5
-    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    lines = [line for line in stderr.splitlines() if line.strip()]
     assert json.loads(lines[-1])["event"] == "error" and "interrupted" in lines[-1]
     assert_no_bad_final_blob(cache, manifest)
     assert not cache.ref_path("main").exists()  # nothing claims the snapshot is complete
@@ -552,7 +494,7 @@ def test_pull_from_a_server_that_answers_ranges_with_200(
                                 "MINIO_SECRET_KEY": secret, "MINIO_BUCKET": "staged",
                                 "HF_HOME": str(tmp_path / "rclone-home")})
     # the quirk under test: a ranged GET answered 200 with a Content-Range header, not 206
-    from agent.testbed.seaweed import s3_client
+    from agent.demo.seaweed import s3_client
 
     some_blob = RemoteRepo(Store(rclone), repo_id).blob_key(max(staged.blobs()))
     answer = s3_client(endpoint, key, secret).get_object(Bucket="staged", Key=some_blob, Range="bytes=5-9")

@@ -9,7 +9,6 @@ stub `vllm` for `serve`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -21,25 +20,23 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
-from agent.output import Output
+from agent.demo.model import generate_model
+from agent.demo.seed import fake_commit, seed_cache
 from agent.pull import PullOptions, pull_from_store
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seed import fake_commit, seed_cache
+from tests.support import cli
+from tests.support.cli import hub_agent_env
 from tests.support.fake_hub import FakeHub
-from tests.support.hf_cache import assert_clean_cache, hub_env, resolve_offline
+from tests.support.hf_cache import assert_clean_cache, resolve_offline, tree_state
+from tests.support.staged import quiet
 
 STUB = """#!{python}
 import json, os, sys
 with open(os.environ["VLLM_STUB_RECORD"], "w") as record:
     json.dump({{"argv": sys.argv}}, record)
 """
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 @contextlib.contextmanager
@@ -62,37 +59,14 @@ def read_only(path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], capture_output=True, check=False)
 
 
-def tree_state(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under root (links not followed) with its size and mtime: to prove nothing changed."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            state[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-    return state
-
-
-def agent_env(hub: FakeHub, hf_home: Path, storage: dict[str, str] | None) -> dict[str, str]:
-    env = hub_env(hub, hf_home)
-    env.update({k: v for k, v in (storage or {}).items() if k.startswith("MINIO_")})
-    return env
-
-
 def run_agent(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "--log-format", "text", *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return cli.run_agent("--log-format", "text", *args, env=env)
 
 
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     return line
-
-
-@pytest.fixture
-def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> tuple[str, str]:
-    stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", quiet())
-    return model_repo
 
 
 @pytest.fixture
@@ -120,7 +94,7 @@ def test_a_complete_cache_on_a_read_only_mount_is_pulled_and_served_without_writ
     (stub_dir / "vllm").write_text(STUB.format(python=sys.executable))
     (stub_dir / "vllm").chmod(0o755)
     record, report = tmp_path / "record.json", tmp_path / "report.json"
-    env = agent_env(hub, filled, settings_env)
+    env = hub_agent_env(hub, filled, settings_env)
     env.update(PATH=f"{stub_dir}{os.pathsep}{env['PATH']}", VLLM_STUB_RECORD=str(record))
     before = tree_state(filled)
     with read_only(filled):
@@ -144,7 +118,7 @@ def test_a_read_only_cache_huggingface_hub_wrote_has_no_stamps_so_full_verificat
     """No stamp can be written on a read-only cache: each blob is hashed, and one flipped byte is found."""
     repo_id, _ = staged
     hf_home = hf_cache.parent
-    env = agent_env(hub, hf_home, settings_env)
+    env = hub_agent_env(hub, hf_home, settings_env)
     with read_only(hf_home):
         good = run_agent(env, "pull", repo_id, "--report", str(tmp_path / "r.json"))
     assert good.returncode == 0, good.stderr
@@ -171,7 +145,7 @@ def test_a_complete_read_only_cache_is_served_when_the_bucket_cannot_deliver(
     minio = {} if storage == "off" else {"MINIO_ENDPOINT": "127.0.0.1:9", "MINIO_ACCESS_KEY": "k",
                                          "MINIO_SECRET_KEY": "s"}
     with read_only(filled):
-        proc = run_agent(agent_env(hub, filled, minio), "pull", repo_id, "--no-fallback", "--report",
+        proc = run_agent(hub_agent_env(hub, filled, minio), "pull", repo_id, "--no-fallback", "--report",
                          str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "r.json").read_text())
@@ -189,7 +163,7 @@ def test_a_read_only_cache_of_an_older_commit_serves_it_and_says_why(
     seed_cache(tmp_path / "v2", tmp_path / "dev" / "hub", repo_id, new)
     stage_from_cache(Store(settings), tmp_path / "dev" / "hub", repo_id, "main", quiet())
     with read_only(filled):
-        proc = run_agent(agent_env(hub, filled, settings_env), "pull", repo_id, "--report",
+        proc = run_agent(hub_agent_env(hub, filled, settings_env), "pull", repo_id, "--report",
                          str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "r.json").read_text())
@@ -206,7 +180,7 @@ def test_an_incomplete_read_only_cache_fails_in_one_line_with_exit_2_and_never_a
     cache = RepoCache(filled / "hub", repo_id)
     missing = min(cache.blobs.iterdir(), key=lambda p: p.stat().st_size)
     missing.unlink()
-    env = agent_env(hub, filled, settings_env if storage == "on" else None)
+    env = hub_agent_env(hub, filled, settings_env if storage == "on" else None)
     with read_only(filled):
         proc = run_agent(env, "pull", repo_id)  # the fallback is allowed: it could not write either
     assert proc.returncode == 2

@@ -7,8 +7,6 @@ environment with monkeypatch, as the CLI's process environment would hold them.
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import re
 import socket
 import subprocess
@@ -23,29 +21,25 @@ import psutil
 import pytest
 from huggingface_hub import scan_cache_dir
 
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.engines import s5cmd as s5cmd_module
 from agent.engines.base import BlobJob, Part, TransferConfig
 from agent.engines.s5cmd import S5cmdEngine, classify, command_line, scrub
 from agent.errors import CredentialsError, NotFoundError, StorageUnavailableError
 from agent.finish import Finisher
-from agent.output import Output
 from agent.policy import RetryPolicy
 from agent.pull import PullOptions, pull_from_store
-from agent.settings import MODELS_PREFIX, Deadlines, Settings
+from agent.settings import Deadlines, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
+from tests.support.staged import quiet, s5cmd_upload
 
 REPO_ID = "simswarm-test/s5cmd-llama"
 COMMIT = fake_commit(REPO_ID)
 NO_RETRY = TransferConfig(retry=RetryPolicy(max_retries=0))
 
 pytestmark = pytest.mark.skipif(not S5cmdEngine.available(), reason="s5cmd is not on PATH")
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 @pytest.fixture
@@ -206,10 +200,7 @@ def test_legacy_prefix_uploaded_by_s5cmd_is_pulled_with_s5cmd(
         settings: Settings, seeded_cache: Path, agent_env: dict[str, str], tiny_model: Path,
         s3_server: SeaweedServer) -> None:
     """The old start.sh world: `s5cmd cp $HF_HOME/hub/ s3://bucket/models/hf-cache/` (links followed)."""
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server.access_key,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_REGION": "us-east-1"}
-    subprocess.run(["s5cmd", "--endpoint-url", s3_server.endpoint_url, "cp", f"{seeded_cache}/",
-                    f"s3://{settings.bucket}/{MODELS_PREFIX}"], env=env, check=True, capture_output=True)
+    s5cmd_upload(s3_server, seeded_cache, settings.bucket)
 
     result = pull_from_store(settings, PullOptions(REPO_ID, engine="s5cmd"), quiet())
 

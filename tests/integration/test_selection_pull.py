@@ -6,29 +6,27 @@ what was skipped, and a narrower one deletes no blob."""
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.cache import RepoCache
 from agent.cli import main
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.shapes import generate_shape
 from agent.manifest import Manifest, parse_manifest
-from agent.output import Output
 from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.remote import RemoteRepo
 from agent.selection import Selection
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.shapes import generate_shape
+from tests.support.cli import hub_agent_env, run_agent
 from tests.support.fake_hub import FakeHub, read_tree
 from tests.support.fault_server import FaultProxy
-from tests.support.hf_cache import assert_clean_cache, build_hf_cache, hub_env, resolve_offline
+from tests.support.hf_cache import assert_clean_cache, build_hf_cache, resolve_offline
+from tests.support.staged import quiet
 
 # What vLLM 0.33.0 leaves unread in each shape: the spec of the rules, written out by hand.
 SKIPPED = {
@@ -39,10 +37,6 @@ SKIPPED = {
                 "model.safetensors.index.json"},
     "bin-only": {"training_args.bin"},
 }
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +194,8 @@ def test_the_hub_fallback_downloads_only_the_selection_too(
     fake_hub.clear_requests()
     fake_hub.available = True
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id, "--files",
-                           "vllm", "--report", str(report)], env=hub_env(fake_hub, hf_home),
-                          capture_output=True, text=True, timeout=120, check=False)  # storage off: the Hub
+    done = run_agent("--log-format", "json", "pull", repo_id, "--files", "vllm", "--report", str(report),
+                     env=hub_agent_env(fake_hub, hf_home))  # storage off: the Hub
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(report.read_text())
     assert data["source"] == "hub" and set(data["skipped"]) == SKIPPED["llama3"]
@@ -221,11 +214,10 @@ def test_a_narrowed_local_copy_does_not_stand_in_for_a_wider_pull_when_the_bucke
     repo_id, manifest = staged(settings, shapes, "llama3")
     pull(settings, repo_id, "all", include=("*.json",))
     fake_hub.available = True
-    down = {**settings_env, **hub_env(fake_hub, settings.hf_home), "MINIO_ENDPOINT": "127.0.0.1:9"}
+    down = hub_agent_env(fake_hub, settings.hf_home, {**settings_env, "MINIO_ENDPOINT": "127.0.0.1:9"})
     report = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, "-m", "agent", "--log-format", "json", "pull", repo_id, "--files",
-                           "all", "--report", str(report)], env=down, capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = run_agent("--log-format", "json", "pull", repo_id, "--files", "all", "--report", str(report),
+                     env=down)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(report.read_text())["source"] == "hub"  # not "cache": that copy holds *.json only
     assert_snapshot_holds(settings, repo_id, set(manifest.files), stamps=False)

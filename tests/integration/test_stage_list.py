@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -10,20 +9,16 @@ from pathlib import Path
 import pytest
 
 from agent.cache import RepoCache
+from agent.demo.seaweed import SeaweedServer
 from agent.errors import NotFoundError, VerificationError
 from agent.manifest import parse_manifest, parse_sidecar
-from agent.output import Output
 from agent.remote import RemoteRepo, staged_models
 from agent.settings import MODELS_PREFIX, Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.seaweed import SeaweedServer
+from tests.support.staged import quiet, s5cmd_upload
 
 PART = 1 << 16  # small parts so the tiny model's shards have several
-
-
-def quiet() -> Output:
-    return Output(io.StringIO(), json_mode=True)
 
 
 def keys(s3_server: SeaweedServer, bucket: str) -> dict[str, dict[str, object]]:
@@ -144,14 +139,8 @@ def test_list_shows_every_model_even_when_one_is_damaged(settings: Settings, hf_
 def test_list_reads_a_legacy_bucket_written_by_s5cmd(settings: Settings, hf_cache: Path,
                                                      model_repo: tuple[str, str], s3_server: SeaweedServer,
                                                      bucket: str) -> None:
-    import subprocess
-
     repo_id, commit = model_repo
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-           "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-           "AWS_REGION": "us-east-1"}
-    subprocess.run(["s5cmd", "--endpoint-url", s3_server.endpoint_url, "cp", f"{hf_cache}/",
-                    f"s3://{bucket}/{MODELS_PREFIX}"], env=env, capture_output=True, check=True, timeout=120)
+    s5cmd_upload(s3_server, hf_cache, bucket)
     local = RepoCache(hf_cache, repo_id)
     size = sum(p.stat().st_size for p in local.blobs.iterdir())
     rows = staged_models(Store(settings))

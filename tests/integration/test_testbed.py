@@ -13,10 +13,10 @@ import urllib3
 from botocore.exceptions import ClientError
 from huggingface_hub import scan_cache_dir
 
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer, s3_client
 from agent.settings import Settings
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer, s3_client
 from tests.support.fake_hub import FakeHub, git_blob_sha1, read_tree
 from tests.support.hf_cache import build_hf_cache, resolve_offline
 

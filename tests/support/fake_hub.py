@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from tests.support.loopback import HOST, LoopbackServer
 
 DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub's own limit for plain git files
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
@@ -123,10 +124,14 @@ class Fault:
     cut_after: int | None = None  # drop_next: bytes of body sent before the connection is closed
 
 
-class FakeHub:
+class FakeHub(LoopbackServer):
     """The fake Hub server. Thread-safe: handlers run on their own threads."""
 
+    thread_name = "fake-hub"
+    not_started = "FakeHub is not started"
+
     def __init__(self, *, token: str | None = None, tree_page_size: int = 1000) -> None:
+        super().__init__()
         self.token = token
         self.tree_page_size = tree_page_size
         self.available = True  # False: every request gets 503, as a Hub outage
@@ -135,39 +140,15 @@ class FakeHub:
         self._repos: dict[str, HubRepo] = {}
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------------
+    # -- lifecycle (start, stop, `with`: tests.support.loopback) ---------------------------------------
 
-    def start(self) -> FakeHub:
-        if self._server is None:
-            self._server = _Server(("127.0.0.1", 0), _Handler, self)
-            self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> FakeHub:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def _make_server(self) -> ThreadingHTTPServer:
+        return _Server((HOST, 0), _Handler, self)
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeHub is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{HOST}:{self.port}"
 
     # -- content ----------------------------------------------------------------------------------------
 

@@ -38,11 +38,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-HOST = "127.0.0.1"
+from tests.support.loopback import HOST, LoopbackServer
 
 FaultKind = Literal[
     "reset",         # send the headers and half the body, then reset the connection (RST)
@@ -107,11 +106,16 @@ class Rule:
         return self.match(method, path, range_)
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """A threaded reverse proxy on a free loopback port in front of `upstream` (`http://host:port`)."""
+
+    thread_name = "fault-proxy"
+    poll_interval = 0.05
+    not_started = "the fault proxy is not started"
 
     def __init__(self, upstream: str, *, preserve_host: bool = False, stall_seconds: float = 5.0,
                  upstream_timeout: float = 30.0) -> None:
+        super().__init__()
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
@@ -128,46 +132,21 @@ class FaultProxy:
         self._connections = 0
         self._in_flight = 0
         self._max_in_flight = 0
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------------
+    # -- lifecycle (start, stop, `with`: tests.support.loopback) ---------------------------------------
 
-    def start(self) -> FaultProxy:
-        if self._server is None:
-            self._stopping.clear()
-            self._server = _QuietServer((HOST, 0), _handler_class(self))
-            self._server.daemon_threads = True
-            self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                            name="fault-proxy", daemon=True)
-            self._thread.start()
-        return self
+    def _make_server(self) -> ThreadingHTTPServer:
+        server = _QuietServer((HOST, 0), _handler_class(self))
+        server.daemon_threads = True
+        return server
 
-    def stop(self) -> None:
-        """Stop accepting, end stalls at once. Idempotent."""
-        self._stopping.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+    def _on_start(self) -> None:
+        self._stopping.clear()
 
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def _on_stop(self) -> None:
+        self._stopping.set()  # stalls end at once
 
     # -- addressing -----------------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the fault proxy is not started")
-        return int(self._server.server_address[1])
 
     @property
     def endpoint_url(self) -> str:

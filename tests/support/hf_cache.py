@@ -91,6 +91,16 @@ def resolve_offline(cache_dir: Path, repo_id: str, revision: str = "main") -> Pa
         return _run_python(_RESOLVE_OFFLINE, [repo_id, revision], env, f"offline resolution of {repo_id}")
 
 
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (links not followed) with its size and mtime: to prove nothing changed."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            state[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
 def assert_clean_cache(cache_dir: Path) -> None:
     """huggingface_hub's own reader must find nothing odd in the cache (AssertionError listing warnings)."""
     from huggingface_hub import scan_cache_dir

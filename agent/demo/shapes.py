@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.testbed.model import VOCAB_SIZE, generate_model
+from agent.demo.model import VOCAB_SIZE, generate_model
 
 SHAPES = ("llama3", "bin-and-safetensors", "mistral", "bin-only")
 BIN_INDEX = "pytorch_model.bin.index.json"

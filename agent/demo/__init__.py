@@ -3,6 +3,10 @@
 An embedded SeaweedFS S3 server on loopback, a small real safetensors model, `stage`, `pull` (with a
 progress bar on a terminal), proof by huggingface_hub offline and safetensors in a separate process,
 and the vLLM command `serve` would exec. Everything lives in a temporary folder removed at the end.
+
+The package holds what the demo needs and a pull never does (installed with the `demo` extra; the tests
+and bench/ use it too): `seaweed.py` the embedded S3 server, `model.py` a small real model, `shapes.py`
+the repo shapes vLLM meets, `seed.py` a model folder laid out as a Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from agent.demo.model import generate_model
+from agent.demo.seaweed import SeaweedServer
+from agent.demo.seed import fake_commit, seed_cache
 from agent.errors import VerificationError
 from agent.launch import vllm_argv
 from agent.output import Output, Spinner, human_bytes
@@ -23,9 +30,6 @@ from agent.pull import PullOptions, PullResult, pull_from_store
 from agent.settings import Settings
 from agent.stage import stage_from_cache
 from agent.store import Store
-from agent.testbed.model import generate_model
-from agent.testbed.seaweed import SeaweedServer
-from agent.testbed.seed import fake_commit, seed_cache
 
 DEMO_REPO = "simswarm-demo/tiny-llama"
 
