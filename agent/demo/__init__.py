@@ -4,9 +4,9 @@ An embedded SeaweedFS S3 server on loopback, a small real safetensors model, `st
 progress bar on a terminal), proof by huggingface_hub offline and safetensors in a separate process,
 and the vLLM command `serve` would exec. Everything lives in a temporary folder removed at the end.
 
-The package holds what the demo needs and a pull never does (installed with the `demo` extra; the tests
-and bench/ use it too): `seaweed.py` the embedded S3 server, `model.py` a small real model, `shapes.py`
-the repo shapes vLLM meets, `seed.py` a model folder laid out as a Hugging Face cache.
+The package holds what the demo needs and a pull never does (its dependencies come with the `demo`
+extra; the tests and bench/ use it too): `seaweed.py` the embedded S3 server, `model.py` a small real
+model, `shapes.py` the repo shapes vLLM meets, `seed.py` a model folder laid out as a Hugging Face cache.
 """
 
 from __future__ import annotations
