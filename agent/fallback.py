@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from agent.cache import RepoCache, is_commit
+from agent.cache import BLOB_RE, RepoCache, is_commit
 from agent.engines.base import Engine
 from agent.errors import (
     AgentError,
@@ -205,7 +205,7 @@ def blob_sizes(cache: RepoCache) -> dict[str, int]:
     if not cache.blobs.is_dir():
         return {}
     return {p.name: p.stat().st_size for p in cache.blobs.iterdir()
-            if p.is_file() and "." not in p.name}
+            if p.is_file() and BLOB_RE.match(p.name)}
 
 
 def literal_pattern(path: str) -> str:
