@@ -5,7 +5,7 @@ the body in 1 MiB chunks to the part's offset while hashing it, so memory stays 
 A part is retried by the failure policy (`agent.policy`) on a connection error, a read timeout (a
 stalled server), a short body, a digest mismatch, or a retryable status (honouring Retry-After); any
 other status fails at once, mapped by `error_for_status`. Workers ignore SIGINT/SIGTERM: the
-parent handles the signal and terminates them, so an interrupted pull unwinds in one place.
+parent handles the signal and kills them, so an interrupted pull unwinds in one place.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import urllib3
 from agent.engines.base import BlobJob, Part, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import (
     AgentError,
-    Interrupted,
     ResourceLimitError,
     StorageUnavailableError,
     VerificationError,
@@ -227,14 +226,12 @@ class PythonEngine:
         context.set_forkserver_preload(["agent.engines.python"])
         try:
             executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
-            interrupted = False
             try:
                 self._run(executor, tasks, config, progress, on_part_done)
-            except (Interrupted, KeyboardInterrupt):
-                interrupted = True
+            except BaseException:  # a signal, or a part that failed: nothing more of this fetch is wanted
+                _stop(executor, kill=True)
                 raise
-            finally:
-                _stop(executor, kill=interrupted)
+            _stop(executor)
         except BrokenProcessPool as exc:  # a worker vanished: the OOM killer is the usual cause
             raise ResourceLimitError(f"a download worker process died ({exc})",
                                      hint="the pod may be short of memory: raise its limit, lower "
@@ -258,9 +255,9 @@ class PythonEngine:
 
 
 def _stop(executor: ProcessPoolExecutor, kill: bool = False) -> None:
-    """Cancel what has not started and wait for the workers. `kill`: the pull was interrupted, so the
-    workers are killed at once (they ignore SIGTERM and SIGINT, which the agent handles for them; a
-    killed worker's part is simply not done, and its checkpointed bytes stay valid)."""
+    """Cancel what has not started and wait for the workers. `kill`: the fetch is being abandoned (a
+    signal, a failed part), so the workers are killed at once rather than left writing: they ignore
+    SIGTERM and SIGINT, which the agent handles for them. A killed worker's part is simply not done."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
     if kill:
         for proc in processes:
