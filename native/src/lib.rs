@@ -12,6 +12,7 @@ mod fetch;
 mod part;
 mod policy;
 mod proxy;
+mod readback;
 mod response;
 mod s3;
 mod small;

@@ -15,11 +15,10 @@ use crate::client::range_request;
 use crate::deadline::{is_unreachable, Pace, Stalls};
 use crate::error::{Attempt, Cause, Failure};
 use crate::policy;
+use crate::readback::hash_range;
 use crate::response::body_skip;
 use crate::spec::{to_hex, Job, PartSpec};
 use crate::transfer::Shared;
-
-const READ_BACK: usize = 1 << 20;
 
 /// Progress through one part, kept across attempts: after a broken connection the next request
 /// asks only for the bytes still missing and the running hash carries on. Only a digest mismatch
@@ -162,20 +161,7 @@ impl Target<'_> {
 
 fn hash_kept(target: &Target<'_>, state: &mut PartState) -> std::io::Result<()> {
     let hasher = state.hasher.as_mut().expect("only called with a hasher");
-    let mut buffer = vec![0u8; READ_BACK.min(target.part.kept as usize)];
-    let mut done = 0u64;
-    while done < target.part.kept {
-        let want = ((target.part.kept - done) as usize).min(buffer.len());
-        let got = target
-            .file
-            .read_at(&mut buffer[..want], target.part.offset + done)?;
-        if got == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        hasher.update(&buffer[..got]);
-        done += got as u64;
-    }
-    Ok(())
+    hash_range(&target.file, target.part.offset, target.part.kept, hasher)
 }
 
 async fn try_once(target: &Target<'_>, state: &mut PartState) -> Result<(), Attempt> {

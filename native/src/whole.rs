@@ -3,19 +3,17 @@
 //! A blob is hashed strictly in file order. The "frontier" is how far that hash has read. A worker
 //! whose chunk lands exactly at the frontier feeds it straight from memory; bytes that landed past
 //! it (parts finished out of order, or kept on disk from an earlier run) are read back from the page
-//! cache when the frontier reaches them. Parts are scheduled in file order, so the frontier follows
+//! cache (mapped, not copied) when the frontier reaches them. Parts are scheduled in file order, so the frontier follows
 //! the transfer closely and nothing is read twice from the network or hashed twice.
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use ring::digest::{Context, SHA1_FOR_LEGACY_USE_ONLY, SHA256};
 
+use crate::readback::hash_range;
 use crate::spec::{to_hex, PartSpec};
-
-const READ_BACK: usize = 1 << 20;
 
 /// Which digest names the blob: huggingface_hub's LFS sha256, or git's blob sha1.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -149,7 +147,6 @@ impl Frontier {
     /// Reads back and hashes every byte from the frontier up to the first one not yet ready.
     fn read_back(&self, cursor: &mut Cursor, path: &Path) -> std::io::Result<()> {
         let mut file: Option<File> = None;
-        let mut buffer = Vec::new();
         loop {
             let limit = self.ready_until(cursor.pos);
             let Some(context) = cursor.context.as_mut() else {
@@ -160,19 +157,10 @@ impl Frontier {
             }
             if file.is_none() {
                 file = Some(File::open(path)?);
-                buffer = vec![0u8; READ_BACK];
             }
-            let want = ((limit - cursor.pos) as usize).min(READ_BACK);
-            let got = read_at(
-                file.as_ref().expect("opened above"),
-                &mut buffer[..want],
-                cursor.pos,
-            )?;
-            if got == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            context.update(&buffer[..got]);
-            cursor.pos += got as u64;
+            let opened = file.as_ref().expect("opened above");
+            hash_range(opened, cursor.pos, limit - cursor.pos, context)?;
+            cursor.pos = limit;
         }
     }
 
@@ -200,15 +188,6 @@ impl Frontier {
             Ok(cursor) => Some(cursor),
             Err(TryLockError::WouldBlock) => None,
             Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        }
-    }
-}
-
-fn read_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    loop {
-        match file.read_at(buffer, offset) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            other => return other,
         }
     }
 }
