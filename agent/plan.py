@@ -113,9 +113,9 @@ def read_part_state(cache: RepoCache, name: str, size: int) -> Extents:
 
 
 def write_part_state(cache: RepoCache, name: str, size: int, have: Extents) -> None:
-    # Not fsynced: a crash keeps the page cache, and kept bytes are re-verified on resume anyway.
+    # A crash keeps the page cache, and kept bytes are re-verified on resume anyway.
     state = {"size": size, "have": [list(r) for r in have.ranges]}
-    atomic_write(cache.part_state_path(name), json.dumps(state).encode(), durable=False)
+    atomic_write(cache.part_state_path(name), json.dumps(state).encode())
 
 
 def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | None, *,
