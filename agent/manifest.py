@@ -9,10 +9,16 @@ Sidecar: `models--<org>--<name>/parts/<commit>.json`, written by `stage`:
     {"format_version": 1, "algorithm": "sha256", "part_size": 16777216,
      "blobs": {"<blob name>": {"size": N, "sha256": "<sha256 of the whole blob>",
                                "git_sha1": "<git blob sha1 of the whole blob>",
-                               "parts": ["<sha256 of bytes [0, part_size)>", ...]}}}
+                               "parts": ["<sha256 of bytes [0, part_size)>", ...],
+                               "blake3_parts": ["<BLAKE3 of bytes [0, part_size)>", ...]}}}
 
 Part i covers bytes [i * part_size, min(size, (i + 1) * part_size)). A downloader that uses the same part
 size can check each part as it lands and refetch only a bad one.
+
+`blake3_parts` are the same parts' BLAKE3 digests (32 bytes, a cryptographic hash like sha256, about 2.5x
+faster on one core here): the native engine checks those when present, so full verification costs less
+CPU than the transfer. `algorithm` still names the digest of `parts`, and readers that know only sha256
+ignore the extra key, so a bucket staged with both serves old agents and new ones.
 
 `sha256` / `git_sha1` bind the part digests to the blob's identity: `stage` computes all of them in one
 read of the same bytes and refuses bytes that do not hash to their blob name. An entry whose recorded
@@ -182,10 +188,17 @@ class Sidecar:
     part_size: int
     parts: Mapping[str, tuple[str, ...]]  # blob name -> sha256 of each part
     wholes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # name -> {"sha256", "git_sha1"}
+    blake3: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # blob name -> BLAKE3 of each part
 
     def digests_for(self, blob_name: str, size: int) -> tuple[str, ...] | None:
         """The blob's part digests when they match its size, else None (then only the whole is checked)."""
-        digests = self.parts.get(blob_name)
+        return self._counted(self.parts.get(blob_name), size)
+
+    def blake3_for(self, blob_name: str, size: int) -> tuple[str, ...] | None:
+        """The same parts' BLAKE3 digests, when the sidecar has them for every part."""
+        return self._counted(self.blake3.get(blob_name), size)
+
+    def _counted(self, digests: tuple[str, ...] | None, size: int) -> tuple[str, ...] | None:
         if digests is None or len(digests) != part_count(size, self.part_size):
             return None
         return digests
@@ -197,7 +210,8 @@ class Sidecar:
         return whole.get(named_by) == blob_name and self.digests_for(blob_name, size) is not None
 
     def to_json(self, sizes: Mapping[str, int]) -> bytes:
-        blobs = {name: {"size": sizes[name], **self.wholes.get(name, {}), "parts": list(self.parts[name])}
+        blobs = {name: {"size": sizes[name], **self.wholes.get(name, {}), "parts": list(self.parts[name]),
+                        **({"blake3_parts": list(self.blake3[name])} if name in self.blake3 else {})}
                  for name in sorted(self.parts)}
         doc = {"format_version": FORMAT_VERSION, "algorithm": "sha256", "part_size": self.part_size,
                "blobs": blobs}
@@ -226,17 +240,25 @@ def parse_sidecar(data: bytes) -> Sidecar:
         raise ManifestError("part sidecar has no blobs object")
     parts: dict[str, tuple[str, ...]] = {}
     wholes: dict[str, dict[str, str]] = {}
+    blake3: dict[str, tuple[str, ...]] = {}
     for name, info in blobs.items():
         digests = info.get("parts") if isinstance(info, dict) else None
         if not BLOB_RE.match(str(name)) or not isinstance(digests, list):
             raise ManifestError(f"part sidecar entry {str(name)[:80]!r} is malformed")
-        if not all(isinstance(d, str) and SHA256_RE.match(d) for d in digests):
-            raise ManifestError(f"part sidecar entry {name[:12]} has a malformed digest")
-        parts[name] = tuple(digests)
+        parts[name] = _hex_digests(name, digests, "digest")
+        if info.get("blake3_parts") is not None:
+            blake3[name] = _hex_digests(name, info["blake3_parts"], "BLAKE3 part digest")
         whole = _whole_digests(name, info)
         if whole:
             wholes[name] = whole
-    return Sidecar(part_size, parts, wholes)
+    return Sidecar(part_size, parts, wholes, blake3)
+
+
+def _hex_digests(name: str, digests: object, what: str) -> tuple[str, ...]:
+    """A list of 32-byte hex digests (sha256 and BLAKE3 digests have the same shape)."""
+    if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_RE.match(d) for d in digests):
+        raise ManifestError(f"part sidecar entry {name[:12]} has a malformed {what}")
+    return tuple(digests)
 
 
 def _whole_digests(name: str, info: dict[str, Any]) -> dict[str, str]:

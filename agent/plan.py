@@ -124,6 +124,7 @@ def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | 
     engine; `resume`: keep what the checkpoint says is on disk (else start over)."""
     part_size = choose_part_size(entry.size, sidecar)
     digests = sidecar.digests_for(name, entry.size) if sidecar and check_parts else None
+    fast = sidecar.blake3_for(name, entry.size) if sidecar and digests else None
     bound = digests is not None and sidecar is not None and sidecar.is_bound(name, entry.size)
     kept = read_part_state(cache, name, entry.size) if resume else Extents()
     if not kept:
@@ -133,7 +134,7 @@ def plan_blob(cache: RepoCache, name: str, entry: FileEntry, sidecar: Sidecar | 
         digest = digests[i] if digests else None
         have = kept.prefix(offset, length)
         if have < length or digest is not None:  # a kept part with a digest is re-checked, not refetched
-            missing.append(Part(i, offset, length, digest, have))
+            missing.append(Part(i, offset, length, digest, have, fast[i] if fast else None))
     return BlobPlan(name, entry, part_size, missing, digests, bound, kept)
 
 

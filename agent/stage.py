@@ -114,7 +114,8 @@ def stage_from_cache(store: ObjectStore, hub_cache: Path, repo_id: str, revision
     # 2. sidecar and manifest, then 3. the ref last, so a reader never sees a ref to half a model
     # The whole digests bind the part digests to the blob's identity (scan_local checked the name).
     sidecar = Sidecar(part_size, {name: d.parts for name, d in digests.items()},
-                      {name: {"sha256": d.sha256, "git_sha1": d.git_sha1} for name, d in digests.items()})
+                      {name: {"sha256": d.sha256, "git_sha1": d.git_sha1} for name, d in digests.items()},
+                      {name: d.blake3_parts for name, d in digests.items() if d.blake3_parts})
     sizes = {name: d.size for name, d in digests.items()}
     small = [(remote.parts_key(commit), sidecar.to_json(sizes)),
              (remote.tree_key(commit), manifest.to_json())]

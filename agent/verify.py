@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from agent.audit import BlobCheck, Problem, audit_folder, problems
 from agent.cache import RepoCache, git_blob_header
 from agent.manifest import FileEntry, Manifest, part_ranges
@@ -109,29 +111,32 @@ class BlobDigests:
     sha256: str
     git_sha1: str
     parts: tuple[str, ...]
+    blake3_parts: tuple[str, ...] = ()
 
 
 def digest_blob(path: Path, part_size: int) -> BlobDigests:
-    """One read of a file gives its sha256, git blob sha1 and per-part sha256s (for `stage`)."""
+    """One read of a file gives its sha256, git blob sha1 and per-part sha256s and BLAKE3s (for `stage`):
+    every part digest comes from the same bytes that hashed to the blob's name."""
     size = path.stat().st_size
     whole, git = hashlib.sha256(), hashlib.sha1(git_blob_header(size))
-    parts = []
+    parts, fast_parts = [], []
     fd = os.open(path, os.O_RDONLY)
     try:
         for _, offset, length in part_ranges(size, part_size):
-            part = hashlib.sha256()
+            part, fast = hashlib.sha256(), blake3.blake3()
             done = 0
             while done < length:
                 chunk = os.pread(fd, min(READ_SIZE, length - done), offset + done)
                 if not chunk:
                     raise OSError(f"{path} shrank while being read")
-                for digest in (part, whole, git):
+                for digest in (part, fast, whole, git):
                     digest.update(chunk)
                 done += len(chunk)
             parts.append(part.hexdigest())
+            fast_parts.append(fast.hexdigest())
     finally:
         os.close(fd)
-    return BlobDigests(size, whole.hexdigest(), git.hexdigest(), tuple(parts))
+    return BlobDigests(size, whole.hexdigest(), git.hexdigest(), tuple(parts), tuple(fast_parts))
 
 
 # -- the whole-cache audit behind `simswarm-agent verify` ------------------------------------------------

@@ -61,6 +61,7 @@ from agent.store import Store  # noqa: E402
 REPO_ID = "simswarm-bench/llama"
 COMPACT_BUCKET = "simswarm"
 LEGACY_BUCKET = "legacy"
+SHA256_BUCKET = "sha256parts"  # compact, with a sidecar as staged before BLAKE3 part digests
 MIB = 1 << 20
 PRESETS = {"smoke": (64, 4), "full": (2048, 4)}  # (MiB, shards)
 CURL_CONCURRENCY = (8, 16)
@@ -190,7 +191,8 @@ def drop_caches() -> bool:
 # -- the testbed ------------------------------------------------------------------------------------
 
 class Testbed:
-    """One SeaweedFS with the model staged compact and legacy, plus the environments to reach it."""
+    """One SeaweedFS with the model staged compact (twice: with BLAKE3 part digests, and with sha256
+    ones only) and legacy, plus the environments to reach it."""
 
     def __init__(self, work: Path, size_mib: int, shards: int, out: Output) -> None:
         self.work = work
@@ -223,7 +225,7 @@ class Testbed:
 
     def start(self) -> None:
         self.server.start()
-        for bucket in (COMPACT_BUCKET, LEGACY_BUCKET):
+        for bucket in (COMPACT_BUCKET, LEGACY_BUCKET, SHA256_BUCKET):
             self.server.create_bucket(bucket)
         model_dir, dev_cache = self.work / "model", self.work / "dev-cache"
         started = time.perf_counter()
@@ -231,6 +233,8 @@ class Testbed:
         seed_cache(model_dir, dev_cache / "hub", REPO_ID, self.commit)
         shutil.rmtree(model_dir)  # the cache holds the bytes now; keep the disk footprint down
         stage_from_cache(Store(self.settings()), dev_cache / "hub", REPO_ID, "main", self.out)
+        stage_from_cache(Store(self.settings(SHA256_BUCKET)), dev_cache / "hub", REPO_ID, "main", self.out)
+        self._drop_blake3_parts(SHA256_BUCKET)
         self._stage_legacy(dev_cache / "hub")
         shutil.rmtree(dev_cache)
         store = Store(self.settings())
@@ -242,6 +246,15 @@ class Testbed:
         if snap.commit != self.commit:
             raise BenchError(f"staged commit {snap.commit} is not {self.commit}")
         self.setup_seconds = time.perf_counter() - started
+
+    def _drop_blake3_parts(self, bucket: str) -> None:
+        """The sidecar as a stage before BLAKE3 part digests wrote it: the native engine checks sha256."""
+        store = Store(self.settings(bucket))
+        key = RemoteRepo(store, REPO_ID).parts_key(self.commit)
+        doc = json.loads(store.get_bytes(key))
+        for entry in doc["blobs"].values():
+            entry.pop("blake3_parts", None)
+        store.put_bytes(key, json.dumps(doc).encode())
 
     def _stage_legacy(self, hub: Path) -> None:
         """What the old start.sh world produced: s5cmd follows the snapshot links, so each is a copy."""
@@ -362,6 +375,7 @@ def build_methods(bed: Testbed) -> tuple[list[Method], list[str]]:
     engines, notes = agent_engines()
     methods = [agent_method(bed, engine) for engine in engines]
     methods.append(agent_method(bed, engines[0], verify="size"))  # engines[0]: what `auto` picks
+    methods.append(agent_method(bed, engines[0], "full", SHA256_BUCKET))  # sha256 part digests
     methods.append(agent_method(bed, engines[0], "full", LEGACY_BUCKET))  # whole hash, no sidecar
     methods.append(agent_method(bed, engines[0], "full", COMPACT_BUCKET, "--rehash"))  # parts and whole
     methods.append(s5cmd_method(bed, "s5cmd-blobs", f"s3://{COMPACT_BUCKET}/{bed.folder}blobs/*",

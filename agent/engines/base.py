@@ -2,8 +2,9 @@
 
 The orchestration (`agent.pull`, `agent.fetch`) plans which parts of which blobs are still missing,
 preallocates each partial file (`BlobJob.temp_path`), and hands the engine a list of `BlobJob`s. The
-engine puts every missing part's bytes into that file, checks the part's sha256 when the sidecar gives
-one (re-reading the part's `kept` leading bytes, already on disk, into that check), and reports every
+engine puts every missing part's bytes into that file, checks the part's digest when the sidecar gives
+one (BLAKE3 in the native engine when there is one, sha256 in the python engine; re-reading the part's
+`kept` leading bytes, already on disk, into that check), and reports every
 finished part through `on_part_done` so a later run can resume. It never gives a blob its final name:
 that belongs to the orchestration (`agent.finish`), whichever engine fetched the bytes. Every engine is
 built the same way, `from_settings(settings)`, and says whether it can run here with `available()`.
@@ -41,7 +42,8 @@ from agent.settings import Deadlines, Settings
 
 @dataclass(frozen=True)
 class Part:
-    """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known;
+    """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known, and
+    `blake3` their BLAKE3 (an engine checks whichever it can; both are bound to the blob alike);
     `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any)."""
 
     index: int
@@ -49,6 +51,7 @@ class Part:
     length: int
     sha256: str | None = None
     kept: int = 0
+    blake3: str | None = None
 
 
 @dataclass(frozen=True)

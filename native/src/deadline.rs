@@ -174,6 +174,7 @@ mod tests {
         assert!(stalls.exhausted(&Cause::Unanswered("t".into())));
         let mut stalls = Stalls::new(&options(0.0, 10, 10, 0));
         let digest = Cause::Digest {
+            algorithm: "sha256",
             expected: "a".into(),
             actual: "b".into(),
         };

@@ -25,7 +25,7 @@ create_exception!(
     _native,
     DigestMismatchError,
     FetchError,
-    "A part's sha256 differed from the expected one on every attempt; `.expected` and `.actual` are hex."
+    "A part's digest differed from the expected one on every attempt; `.expected` and `.actual` are hex."
 );
 create_exception!(
     _native,
@@ -58,6 +58,7 @@ pub fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
 pub enum Cause {
     Status(u16),
     Digest {
+        algorithm: &'static str,
         expected: String,
         actual: String,
     },
@@ -72,8 +73,15 @@ impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Cause::Status(code) => write!(f, "server answered HTTP {code}"),
-            Cause::Digest { expected, actual } => {
-                write!(f, "sha256 {actual} does not match the expected {expected}")
+            Cause::Digest {
+                algorithm,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "{algorithm} {actual} does not match the expected {expected}"
+                )
             }
             Cause::Transport(text) | Cause::Unanswered(text) => f.write_str(text),
             Cause::File(err) => write!(f, "local write failed: {err}"),
@@ -135,7 +143,9 @@ impl Failure {
         value.setattr("attempts", self.attempts)?;
         match &self.cause {
             Cause::Status(code) => value.setattr("status", *code),
-            Cause::Digest { expected, actual } => {
+            Cause::Digest {
+                expected, actual, ..
+            } => {
                 value.setattr("expected", expected)?;
                 value.setattr("actual", actual)
             }

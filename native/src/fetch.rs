@@ -22,7 +22,8 @@ use crate::transfer::{self, Shared, Totals};
 /// Fetch byte ranges of objects into existing files and return `{"bytes", "retries", "parts"}`.
 ///
 /// `jobs` is a list of dicts `{"url", "headers", "path", "size", "parts"}`, `parts` a list of
-/// `(index, offset, length, sha256_hex | None)`. `progress(bytes_delta, done_parts)` is called every
+/// `(index, offset, length, digest_hex | None)`, the digest a sha256 or, with `"part_digest":
+/// "blake3"`, a BLAKE3. `progress(bytes_delta, done_parts)` is called every
 /// `progress_interval` seconds with `done_parts` the `(job_index, part.index)` pairs finished since the
 /// previous call. If a signal handler or `progress` raises, in-flight requests are dropped and that
 /// exception propagates.

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 
 mod client;
 mod deadline;
+mod digest;
 mod error;
 mod fetch;
 mod part;

@@ -7,12 +7,12 @@ use bytes::Buf;
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper::body::Incoming;
-use ring::digest::{Context, SHA256};
 use tokio::task::block_in_place;
 use tokio::time::{sleep, timeout};
 
 use crate::client::range_request;
 use crate::deadline::{is_unreachable, Pace, Stalls};
+use crate::digest::{PartAlgorithm, PartHasher};
 use crate::error::{Attempt, Cause, Failure};
 use crate::policy;
 use crate::readback::hash_range;
@@ -25,7 +25,7 @@ use crate::transfer::Shared;
 /// starts the part over.
 struct PartState {
     received: u64,
-    hasher: Option<Context>, // only when the part has a digest to meet or one to record
+    hasher: Option<PartHasher>, // only when the part has a digest to meet or one to record
     counted: u64, // bytes already added to the shared counter: progress never counts a byte twice
 }
 
@@ -33,19 +33,27 @@ impl PartState {
     fn new(job: &Job, part: &PartSpec) -> Self {
         PartState {
             received: part.kept,
-            hasher: wants_digest(job, part).then(|| Context::new(&SHA256)),
+            hasher: digest_kind(job, part).map(PartHasher::new),
             counted: part.kept,
         }
     }
 
     fn restart(&mut self) {
         self.received = 0;
-        self.hasher = Some(Context::new(&SHA256));
+        if let Some(hasher) = self.hasher.as_mut() {
+            *hasher = PartHasher::new(hasher.algorithm());
+        }
     }
 }
 
-fn wants_digest(job: &Job, part: &PartSpec) -> bool {
-    part.sha256.is_some() || job.record
+/// The job's part digest for a part that has one to meet; sha256 for one fetched to `record` (repair
+/// by agreeing reads compares those); none otherwise.
+fn digest_kind(job: &Job, part: &PartSpec) -> Option<PartAlgorithm> {
+    match (part.digest, job.record) {
+        (Some(_), _) => Some(job.part_digest),
+        (None, true) => Some(PartAlgorithm::Sha256),
+        (None, false) => None,
+    }
 }
 
 /// What one worker needs to land one part: where it goes and who to tell.
@@ -126,7 +134,7 @@ impl Target<'_> {
     fn written(&self, received: u64, at: u64, chunk: &[u8]) {
         self.shared
             .record_written(self.job_index, self.position, received);
-        if self.part.sha256.is_none() {
+        if self.part.digest.is_none() {
             if let Some(frontier) = self.shared.frontier(self.job_index) {
                 if frontier.advance(self.position, received, at, Some(chunk)) {
                     block_in_place(|| frontier.catch_up(&self.job.path));
@@ -139,9 +147,9 @@ impl Target<'_> {
     /// hash, and judge the blob if this was its last part.
     fn finished(&self, state: &PartState) {
         let shared = self.shared;
-        if self.part.sha256.is_none() && self.job.record {
+        if self.part.digest.is_none() && self.job.record {
             if let Some(hasher) = &state.hasher {
-                let hex = to_hex(hasher.clone().finish().as_ref());
+                let hex = to_hex(&hasher.digest());
                 shared.record_digest(self.job_index, self.part.index, hex);
             }
         }
@@ -161,7 +169,9 @@ impl Target<'_> {
 
 fn hash_kept(target: &Target<'_>, state: &mut PartState) -> std::io::Result<()> {
     let hasher = state.hasher.as_mut().expect("only called with a hasher");
-    hash_range(&target.file, target.part.offset, target.part.kept, hasher)
+    hash_range(&target.file, target.part.offset, target.part.kept, |b| {
+        hasher.update(b)
+    })
 }
 
 async fn try_once(target: &Target<'_>, state: &mut PartState) -> Result<(), Attempt> {
@@ -258,17 +268,19 @@ async fn stream_to_file(
 }
 
 fn check_digest(part: &PartSpec, state: &mut PartState) -> Result<(), Attempt> {
-    let (Some(expected), Some(hasher)) = (part.sha256, &state.hasher) else {
+    let (Some(expected), Some(hasher)) = (part.digest, &state.hasher) else {
         return Ok(());
     };
-    let actual = hasher.clone().finish();
-    if actual.as_ref() == expected {
+    let actual = hasher.digest();
+    if actual == expected {
         return Ok(());
     }
+    let algorithm = hasher.algorithm().name();
     state.restart();
     Err(Attempt::retry(Cause::Digest {
+        algorithm,
         expected: to_hex(&expected),
-        actual: to_hex(actual.as_ref()),
+        actual: to_hex(&actual),
     }))
 }
 

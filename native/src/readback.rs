@@ -8,17 +8,21 @@ use std::fs::File;
 use std::io;
 
 use memmap2::MmapOptions;
-use ring::digest::Context;
 
 /// Bytes mapped at a time: large enough that mapping costs little, small enough to keep the
 /// mapped (resident) pages of a pull far below its memory budget.
 const WINDOW: u64 = 8 << 20;
 
-/// Feeds bytes `offset..offset + length` of `file` to `context`.
+/// Feeds bytes `offset..offset + length` of `file` to `feed` (a running digest).
 ///
 /// Fails (rather than faulting) when the file is shorter than the range: the caller's verdict then
 /// says the blob was unreadable.
-pub fn hash_range(file: &File, offset: u64, length: u64, context: &mut Context) -> io::Result<()> {
+pub fn hash_range(
+    file: &File,
+    offset: u64,
+    length: u64,
+    mut feed: impl FnMut(&[u8]),
+) -> io::Result<()> {
     if file.metadata()?.len() < offset + length {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
@@ -36,7 +40,7 @@ pub fn hash_range(file: &File, offset: u64, length: u64, context: &mut Context) 
                 .populate()
                 .map(file)?
         };
-        context.update(&map);
+        feed(&map);
         done += len;
     }
     Ok(())
@@ -45,7 +49,7 @@ pub fn hash_range(file: &File, offset: u64, length: u64, context: &mut Context) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::digest::{digest, SHA256};
+    use ring::digest::{digest, Context, SHA256};
 
     #[test]
     fn a_range_across_windows_hashes_like_the_bytes() {
@@ -60,11 +64,13 @@ mod tests {
         // an unaligned start, more than two windows long
         let (start, end) = (4097usize, data.len() - 3);
         let mut context = Context::new(&SHA256);
-        hash_range(&file, start as u64, (end - start) as u64, &mut context).unwrap();
+        hash_range(&file, start as u64, (end - start) as u64, |b| {
+            context.update(b)
+        })
+        .unwrap();
         let expected = digest(&SHA256, &data[start..end]);
         assert_eq!(context.finish().as_ref(), expected.as_ref());
-        let mut context = Context::new(&SHA256);
-        let past_the_end = hash_range(&file, 10, data.len() as u64, &mut context);
+        let past_the_end = hash_range(&file, 10, data.len() as u64, |_| ());
         assert_eq!(
             past_the_end.unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof

@@ -9,10 +9,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::digest::PartAlgorithm;
 use crate::error::redact_url;
 use crate::whole::{Algorithm, WholeSpec};
 
-/// One part as Python passes it: `(index, offset, length, sha256 | None)`, optionally followed by
+/// One part as Python passes it: `(index, offset, length, digest hex | None)`, optionally followed by
 /// `kept`, the bytes at the part's start already on disk from an earlier run.
 #[derive(FromPyObject)]
 enum PartArg {
@@ -21,14 +22,16 @@ enum PartArg {
 }
 
 /// One blob as Python passes it: a dict with keys `url`, `headers`, `path`, `size`, `parts`, and
-/// optionally `whole` (`(algorithm, hex digest)` the blob must hash to) and `record` (report the
-/// sha256 of every part fetched without an expected digest).
+/// optionally `part_digest` (what the parts' digests are: "sha256", the default, or "blake3"), `whole`
+/// (`(algorithm, hex digest)` the blob must hash to) and `record` (report the sha256 of every part
+/// fetched without an expected digest).
 pub struct JobArg {
     url: String,
     headers: Option<HashMap<String, String>>,
     path: PathBuf,
     size: u64,
     parts: Vec<PartArg>,
+    part_digest: Option<String>,
     whole: Option<(String, String)>,
     record: bool,
 }
@@ -49,6 +52,7 @@ impl<'py> FromPyObject<'py> for JobArg {
             path: required("path")?.extract()?,
             size: required("size")?.extract()?,
             parts: required("parts")?.extract()?,
+            part_digest: optional("part_digest")?.map(|v| v.extract()).transpose()?,
             whole: optional("whole")?.map(|v| v.extract()).transpose()?,
             record: optional("record")?.map_or(Ok(false), |v| v.extract())?,
         })
@@ -65,6 +69,8 @@ pub struct Job {
     pub path: PathBuf,
     pub size: u64,
     pub parts: Vec<PartSpec>,
+    /// What each part's `digest` is.
+    pub part_digest: PartAlgorithm,
     pub whole: Option<WholeSpec>,
     pub record: bool,
 }
@@ -75,7 +81,7 @@ pub struct PartSpec {
     pub index: usize,
     pub offset: u64,
     pub length: u64,
-    pub sha256: Option<[u8; 32]>,
+    pub digest: Option<[u8; 32]>,
     pub kept: u64,
 }
 
@@ -166,6 +172,11 @@ impl JobArg {
             return Err(bad(format!("not an http(s) URL: {shown_url}")));
         }
         let headers = header_map(self.headers.unwrap_or_default()).map_err(bad)?;
+        let part_digest = match self.part_digest.as_deref() {
+            None => PartAlgorithm::Sha256,
+            Some(name) => PartAlgorithm::parse(name)
+                .ok_or_else(|| bad(format!("unknown part digest {name:?}")))?,
+        };
         let mut parts = self
             .parts
             .into_iter()
@@ -197,6 +208,7 @@ impl JobArg {
             path: self.path,
             size: self.size,
             parts,
+            part_digest,
             whole,
             record: self.record,
         })
@@ -219,7 +231,7 @@ fn part_spec(
     index: usize,
     offset: u64,
     length: u64,
-    sha256: Option<String>,
+    digest: Option<String>,
     kept: u64,
     size: u64,
 ) -> Result<PartSpec, String> {
@@ -233,14 +245,14 @@ fn part_spec(
             "part {index}: {kept} kept bytes exceed its {length}"
         ));
     }
-    let sha256 = sha256
-        .map(|hex| parse_sha256(&hex).ok_or(format!("part {index}: bad sha256 {hex:?}")))
+    let digest = digest
+        .map(|hex| parse_sha256(&hex).ok_or(format!("part {index}: bad digest {hex:?}")))
         .transpose()?;
     Ok(PartSpec {
         index,
         offset,
         length,
-        sha256,
+        digest,
         kept,
     })
 }
@@ -263,7 +275,7 @@ fn whole_spec((algorithm, hex): (String, String)) -> Result<WholeSpec, String> {
     })
 }
 
-/// 64 hex digits to 32 bytes, or None.
+/// 64 hex digits to 32 bytes (a sha256 or BLAKE3 digest), or None.
 pub fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     parse_hex(hex)?.try_into().ok()
 }

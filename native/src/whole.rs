@@ -159,7 +159,9 @@ impl Frontier {
                 file = Some(File::open(path)?);
             }
             let opened = file.as_ref().expect("opened above");
-            hash_range(opened, cursor.pos, limit - cursor.pos, context)?;
+            hash_range(opened, cursor.pos, limit - cursor.pos, |bytes| {
+                context.update(bytes)
+            })?;
             cursor.pos = limit;
         }
     }
@@ -201,7 +203,7 @@ mod tests {
             index,
             offset,
             length,
-            sha256: None,
+            digest: None,
             kept: 0,
         }
     }

@@ -23,7 +23,8 @@ def expected_methods() -> list[str]:
 
     engines = (["native"] if NativeEngine.available() else []) + ["python", "s5cmd"]
     return [*BASE_METHODS, "agent-s5cmd", *(["agent-native"] if "native" in engines else []),
-            f"agent-{engines[0]}-size", f"agent-{engines[0]}-legacy", f"agent-{engines[0]}-rehash"]
+            f"agent-{engines[0]}-size", f"agent-{engines[0]}-sha256parts", f"agent-{engines[0]}-legacy",
+            f"agent-{engines[0]}-rehash"]
 
 
 def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,8 +19,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import blake3
 import pytest
 
 from agent.cache import BLOB_RE, STATE_SUFFIX, RepoCache
@@ -149,6 +150,9 @@ def test_stage_binds_each_blobs_part_digests_to_its_identity(settings: Settings,
     assert sidecar is not None
     for name, entry in manifest.blobs().items():
         assert sidecar.is_bound(name, entry.size), name
+        data = RepoCache(hub, REPO).blob_path(name).read_bytes()
+        expected = tuple(blake3.blake3(data[o:o + MIB]).hexdigest() for o in range(0, max(1, len(data)), MIB))
+        assert sidecar.blake3_for(name, entry.size) == expected, name  # the BLAKE3s of the same parts
 
 
 @pytest.mark.parametrize("engine", ["native", "python"])
@@ -178,6 +182,7 @@ def test_a_sidecar_not_bound_to_the_blob_cannot_vouch_for_corrupt_bytes(
     def rewrite(doc: dict[str, object]) -> None:
         entry = doc["blobs"][name]  # type: ignore[index]
         entry["parts"] = [hashlib.sha256(bad[o:o + MIB]).hexdigest() for o in range(0, len(bad), MIB)]
+        entry["blake3_parts"] = [blake3.blake3(bad[o:o + MIB]).hexdigest() for o in range(0, len(bad), MIB)]
         if unbind == "no-whole-digests":
             entry.pop("sha256")
             entry.pop("git_sha1")
@@ -190,13 +195,24 @@ def test_a_sidecar_not_bound_to_the_blob_cannot_vouch_for_corrupt_bytes(
     assert not RepoCache(settings.hub_cache, REPO).blob_path(name).exists()
 
 
-@pytest.mark.parametrize("engine", ["native", "python"])
+@pytest.mark.parametrize(("engine", "lie_in"), [
+    ("native", "blake3_parts"),  # what the native engine checks when the sidecar has it
+    ("native", "parts-only"),  # a sidecar from before BLAKE3 part digests: sha256 is checked
+    ("python", "parts"),
+])
 def test_a_lying_part_digest_never_gives_the_blob_its_final_name(
-        engine: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
+        engine: str, lie_in: str, settings: Settings, local_cache: tuple[Path, str]) -> None:
     if engine == "native":
         native_or_skip()
     store, _, commit, _, name = stage_weights(settings, local_cache)
-    edit_sidecar(store, commit, lambda doc: doc["blobs"][name]["parts"].__setitem__(2, "0" * 64))
+
+    def lie(doc: dict[str, Any]) -> None:
+        if lie_in == "parts-only":
+            for entry in doc["blobs"].values():
+                entry.pop("blake3_parts")
+        doc["blobs"][name][lie_in.removesuffix("-only")][2] = "0" * 64
+
+    edit_sidecar(store, commit, lie)
     with pytest.raises(VerificationError):
         pull(settings, engine=engine)
     cache = RepoCache(settings.hub_cache, REPO)

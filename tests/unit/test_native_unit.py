@@ -14,9 +14,11 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 import agent
@@ -66,7 +68,7 @@ def test_the_rust_failure_policy_is_the_python_one() -> None:
 
 @pytest.mark.parametrize(("parts", "needle"), [
     ([(0, 8, 4, None)], "outside the blob"),
-    ([(0, 0, 4, "abc")], "bad sha256"),
+    ([(0, 0, 4, "abc")], "bad digest"),
 ])
 def test_bad_parts_are_refused_before_any_request(tmp_path: Path, closed_port: int,
                                                   parts: list[tuple[int, int, int, str | None]],
@@ -75,6 +77,15 @@ def test_bad_parts_are_refused_before_any_request(tmp_path: Path, closed_port: i
     path.write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match=needle):
         native.fetch([spec(path, SECRET_URL.format(port=closed_port), 10, parts)])
+
+
+def test_an_unknown_part_digest_is_refused(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"\0" * 4)
+    url = SECRET_URL.format(port=closed_port)
+    job = {**spec(path, url, 4, [(0, 0, 4, EMPTY_SHA256)]), "part_digest": "md5"}
+    with pytest.raises(ValueError, match="unknown part digest"):
+        native.fetch([job])
 
 
 def test_a_bad_url_is_refused_without_showing_its_query(tmp_path: Path) -> None:
@@ -231,3 +242,51 @@ def test_https_with_a_private_ca_from_ssl_cert_file(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def range_server() -> Iterator[tuple[str, bytes]]:
+    """A plain-HTTP range server of 300 kB of random bytes: (URL, bytes)."""
+    data = os.urandom(300_000)
+    handler = type("Handler", (RangeHandler,), {"data": data})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/bucket/key?X-Amz-Signature=x", data
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def blake3_parts(data: bytes, size: int) -> list[tuple[int, int, int, str | None]]:
+    chunks = [(offset, data[offset:offset + size]) for offset in range(0, len(data), size)]
+    return [(i, offset, len(chunk), blake3.blake3(chunk).hexdigest())
+            for i, (offset, chunk) in enumerate(chunks)]
+
+
+def test_parts_are_checked_by_blake3_when_the_job_says_so(tmp_path: Path,
+                                                           range_server: tuple[str, bytes]) -> None:
+    url, data = range_server
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    parts = blake3_parts(data, 100_000)
+    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=2)
+    assert stats["parts"] == 3 and path.read_bytes() == data
+    # The same BLAKE3 digests read as sha256 are wrong: the job's part_digest is what they are checked by.
+    path.write_bytes(b"\0" * len(data))
+    with pytest.raises(native.DigestMismatchError, match="sha256"):
+        native.fetch([spec(path, url, len(data), parts)], max_retries=0)
+
+
+def test_a_lying_blake3_part_digest_fails_the_fetch(tmp_path: Path, range_server: tuple[str, bytes]) -> None:
+    url, data = range_server
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    parts = blake3_parts(data, 100_000)
+    lie = blake3.blake3(b"other bytes").hexdigest()
+    parts[1] = (*parts[1][:3], lie)
+    with pytest.raises(native.DigestMismatchError, match="BLAKE3") as caught:
+        native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], max_retries=1,
+                     backoff_base=0.001, backoff_max=0.01)
+    assert caught.value.expected == lie
