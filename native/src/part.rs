@@ -1,9 +1,11 @@
-//! One part: ranged GET, bytes streamed to their file offset and hashed as they arrive, retried.
+//! A run of parts: one ranged GET, bytes streamed to their file offsets and each part hashed as they
+//! arrive, retried from the first byte still missing.
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use hyper::body::Body;
 use hyper::body::Incoming;
@@ -63,64 +65,151 @@ struct Target<'a> {
     position: usize,
     job: &'a Job,
     part: &'a PartSpec,
-    file: File,
+    file: &'a File,
 }
 
-/// Fetches the part at `position` of job `job_index` into its file, retrying with jittered backoff
-/// until it lands verified or the retries run out; then tells the job's whole-blob hash.
-pub async fn fetch_part(
+/// The part a run is filling, with the retries left to it (each part has its own budget).
+struct Current {
+    position: usize,
+    state: PartState,
+    attempt: u32,
+    stalls: Stalls,
+}
+
+/// Fetches the parts at `positions` of job `job_index` (adjacent, in file order; only the first may
+/// have kept bytes) into its file with one ranged GET for all of them, each part checked as its last
+/// byte lands; after a failure the next request starts at the first byte still missing. Retries with
+/// jittered backoff until every part lands verified or a part's retries run out.
+pub async fn fetch_run(
     shared: &Shared,
     job_index: usize,
-    position: usize,
+    positions: Range<usize>,
 ) -> Result<(), Box<Failure>> {
     let job = &shared.jobs[job_index];
-    let part = &job.parts[position];
     let file = File::options()
         .read(true)
         .write(true)
         .open(&job.path)
-        .map_err(|e| failure(Cause::File(e), 0, job_index, job, part))?;
-    let target = Target {
+        .map_err(|e| {
+            failure(
+                Cause::File(e),
+                0,
+                job_index,
+                job,
+                &job.parts[positions.start],
+            )
+        })?;
+    let run = Run {
         shared,
         job_index,
-        position,
         job,
-        part,
-        file,
+        file: &file,
+        end: positions.end,
     };
-    let mut state = PartState::new(job, part);
-    if state.hasher.is_some() && part.kept > 0 {
-        // Kept bytes are re-checked with the rest of the part: read them back into its hash.
-        if let Err(e) = block_in_place(|| hash_kept(&target, &mut state)) {
-            return Err(failure(Cause::File(e), 0, job_index, job, part));
-        }
-    }
-    shared.record_written(job_index, position, state.received);
-    retry_part(&target, &mut state).await?;
-    target.finished(&state);
-    Ok(())
-}
-
-async fn retry_part(target: &Target<'_>, state: &mut PartState) -> Result<(), Box<Failure>> {
-    let options = &target.shared.options;
-    let mut attempt = 0u32;
-    let mut stalls = Stalls::new(options);
+    let mut current = run.begin(positions.start)?;
     loop {
-        let (cause, after) = match try_once(target, state).await {
+        let (cause, after) = match run.try_once(&mut current).await {
             Ok(()) => return Ok(()),
-            Err(Attempt::Fatal(cause)) => return Err(target.failure(cause, attempt)),
+            Err(Attempt::Fatal(cause)) => return Err(run.failure(&current, cause)),
             Err(Attempt::Retry { cause, after }) => (cause, after),
         };
-        if attempt >= options.max_retries || stalls.exhausted(&cause) {
-            return Err(target.failure(cause, attempt));
+        let options = &shared.options;
+        if current.attempt >= options.max_retries || current.stalls.exhausted(&cause) {
+            return Err(run.failure(&current, cause));
         }
         let wait = match after {
             Some(asked) => policy::honour(asked, options.backoff_max),
-            None => policy::delay(attempt, options.backoff_base, options.backoff_max),
+            None => policy::delay(current.attempt, options.backoff_base, options.backoff_max),
         };
-        target.shared.count_retry();
-        attempt += 1;
+        shared.count_retry();
+        current.attempt += 1;
         sleep(wait).await;
+    }
+}
+
+/// One worker's run of parts of one job.
+struct Run<'a> {
+    shared: &'a Shared,
+    job_index: usize,
+    job: &'a Job,
+    file: &'a File,
+    end: usize, // one past the run's last position
+}
+
+impl Run<'_> {
+    fn target(&self, position: usize) -> Target<'_> {
+        Target {
+            shared: self.shared,
+            job_index: self.job_index,
+            position,
+            job: self.job,
+            part: &self.job.parts[position],
+            file: self.file,
+        }
+    }
+
+    fn failure(&self, current: &Current, cause: Cause) -> Box<Failure> {
+        self.target(current.position)
+            .failure(cause, current.attempt)
+    }
+
+    /// Starts filling the part at `position`: kept bytes are read back into its digest.
+    fn begin(&self, position: usize) -> Result<Current, Box<Failure>> {
+        let target = self.target(position);
+        let mut state = PartState::new(self.job, target.part);
+        self.shared.part_started(self.job_index, position);
+        if state.hasher.is_some() && target.part.kept > 0 {
+            // Kept bytes are re-checked with the rest of the part: read them back into its hash.
+            if let Err(e) = block_in_place(|| hash_kept(&target, &mut state)) {
+                return Err(target.failure(Cause::File(e), 0));
+            }
+        }
+        self.shared
+            .record_written(self.job_index, position, state.received);
+        Ok(Current {
+            position,
+            state,
+            attempt: 0,
+            stalls: Stalls::new(&self.shared.options),
+        })
+    }
+
+    /// The last byte of the run: the end of the range every request asks for.
+    fn last_byte(&self) -> u64 {
+        let last = &self.job.parts[self.end - 1];
+        last.offset + last.length - 1
+    }
+
+    /// One request for everything the run still misses, from the current part on. A part whose
+    /// bytes are all kept is checked without a request (such a part is always a run of its own).
+    async fn try_once(&self, current: &mut Current) -> Result<(), Attempt> {
+        let mut body = None;
+        loop {
+            let target = self.target(current.position);
+            let part = target.part;
+            if current.state.received < part.length {
+                if body.is_none() {
+                    let start = part.offset + current.state.received;
+                    let (skip, incoming) =
+                        request_range(self.shared, self.job, start, self.last_byte()).await?;
+                    body = Some(Reader::new(incoming, skip, &self.shared.options));
+                }
+                let stream = body.as_mut().expect("requested above");
+                stream.fill(&target, &mut current.state).await?;
+            }
+            check_digest(part, &mut current.state)?;
+            target.finished(&current.state);
+            self.shared.part_done(self.job_index, current.position);
+            if current.position + 1 == self.end {
+                if let Some(stream) = body {
+                    stream.finish(self.shared.options.read_timeout).await;
+                }
+                return Ok(());
+            }
+            *current = self
+                .begin(current.position + 1)
+                .map_err(|f| Attempt::Fatal(f.cause))?;
+        }
     }
 }
 
@@ -169,20 +258,9 @@ impl Target<'_> {
 
 fn hash_kept(target: &Target<'_>, state: &mut PartState) -> std::io::Result<()> {
     let hasher = state.hasher.as_mut().expect("only called with a hasher");
-    hash_range(&target.file, target.part.offset, target.part.kept, |b| {
+    hash_range(target.file, target.part.offset, target.part.kept, |b| {
         hasher.update(b)
     })
-}
-
-async fn try_once(target: &Target<'_>, state: &mut PartState) -> Result<(), Attempt> {
-    let part = target.part;
-    if state.received < part.length {
-        let start = part.offset + state.received;
-        let end = part.offset + part.length - 1;
-        let (skip, body) = request_range(target.shared, target.job, start, end).await?;
-        stream_to_file(target, state, body, skip).await?;
-    }
-    check_digest(part, state)
 }
 
 /// The response body for bytes `start..=end`, and how many leading bytes of it to discard.
@@ -206,65 +284,87 @@ async fn request_range(
     Ok((skip, body))
 }
 
-/// Streams the body chunk by chunk to the part's place in the file; nothing is buffered beyond
-/// the chunk hyper hands over.
-async fn stream_to_file(
-    target: &Target<'_>,
-    state: &mut PartState,
-    mut body: Incoming,
-    mut skip: u64,
-) -> Result<(), Attempt> {
-    let (shared, part) = (target.shared, target.part);
-    let read_timeout = shared.options.read_timeout;
-    let mut pace = Pace::new(&shared.options);
-    while state.received < part.length {
-        let frame = match timeout(pace.wait(), body.frame()).await {
-            Err(_) => {
-                pace.idle().map_err(Attempt::retry)?;
+/// One response body, read chunk by chunk across the parts of a run: a chunk that spans two parts
+/// is split between them. Nothing is buffered beyond the chunk hyper hands over.
+struct Reader {
+    incoming: Incoming,
+    skip: u64,
+    pending: Bytes,
+    pace: Pace,
+}
+
+impl Reader {
+    fn new(incoming: Incoming, skip: u64, options: &crate::spec::Options) -> Self {
+        Reader {
+            incoming,
+            skip,
+            pending: Bytes::new(),
+            pace: Pace::new(options),
+        }
+    }
+
+    /// Writes the body's next bytes to the part's place in the file until the part is whole.
+    async fn fill(&mut self, target: &Target<'_>, state: &mut PartState) -> Result<(), Attempt> {
+        let (shared, part) = (target.shared, target.part);
+        while state.received < part.length {
+            if self.pending.is_empty() {
+                self.pending = self.next_chunk(state.received, part.length).await?;
                 continue;
             }
+            let take = (part.length - state.received).min(self.pending.len() as u64) as usize;
+            let data = self.pending.split_to(take);
+            let at = part.offset + state.received;
+            // A page-cache write; if writeback throttles it, stalling this worker is the backpressure we want.
+            target
+                .file
+                .write_all_at(&data, at)
+                .map_err(|e| Attempt::Fatal(Cause::File(e)))?;
+            if let Some(hasher) = state.hasher.as_mut() {
+                hasher.update(&data);
+            }
+            state.received += take as u64;
+            target.written(state.received, at, &data);
+            self.pace.record(take as u64).map_err(Attempt::retry)?;
+            if state.received > state.counted {
+                shared.count_bytes(state.received - state.counted);
+                state.counted = state.received;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next bytes of the body past the leading ones to skip (empty for a frame without data).
+    async fn next_chunk(&mut self, received: u64, length: u64) -> Result<Bytes, Attempt> {
+        let frame = match timeout(self.pace.wait(), self.incoming.frame()).await {
+            Err(_) => {
+                self.pace.idle().map_err(Attempt::retry)?;
+                return Ok(Bytes::new());
+            }
             Ok(None) => {
-                let got = state.received;
                 return Err(transport(format!(
-                    "body ended after {got} of {} bytes",
-                    part.length
+                    "body ended after {received} of {length} bytes of a part"
                 )));
             }
             Ok(Some(Err(e))) => return Err(transport(describe(&e))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(mut data) = frame.into_data() else {
-            continue; // trailers carry no bytes
+            return Ok(Bytes::new()); // trailers carry no bytes
         };
-        let discard = skip.min(data.len() as u64);
+        let discard = self.skip.min(data.len() as u64);
         data.advance(discard as usize);
-        skip -= discard;
-        let take = (part.length - state.received).min(data.len() as u64) as usize;
-        let chunk = &data[..take];
-        let at = part.offset + state.received;
-        // A page-cache write; if writeback throttles it, stalling this worker is the backpressure we want.
-        target
-            .file
-            .write_all_at(chunk, at)
-            .map_err(|e| Attempt::Fatal(Cause::File(e)))?;
-        if let Some(hasher) = state.hasher.as_mut() {
-            hasher.update(chunk);
-        }
-        state.received += take as u64;
-        target.written(state.received, at, chunk);
-        pace.record(take as u64).map_err(Attempt::retry)?;
-        if state.received > state.counted {
-            shared.count_bytes(state.received - state.counted);
-            state.counted = state.received;
+        self.skip -= discard;
+        Ok(data)
+    }
+
+    /// After the run's last byte: a chunked body's terminating chunk is read so the connection can
+    /// go back to the pool. (With a Content-Length, hyper knows the end already; the rest of a
+    /// whole-object body is dropped with its connection.)
+    async fn finish(mut self, read_timeout: Duration) {
+        if self.incoming.size_hint().exact().is_none() {
+            let _ = timeout(read_timeout, self.incoming.frame()).await;
         }
     }
-    if body.size_hint().exact().is_none() {
-        // A chunked body: read its terminating chunk so the connection can go back to the pool.
-        // (With a Content-Length, hyper knows the end already; the rest of a whole-object body is
-        // dropped with its connection.)
-        let _ = timeout(read_timeout, body.frame()).await;
-    }
-    Ok(())
 }
 
 fn check_digest(part: &PartSpec, state: &mut PartState) -> Result<(), Attempt> {

@@ -1,8 +1,9 @@
-//! The scheduler: `concurrency` workers take parts in file order (blob by blob) from one shared
-//! queue, so at most that many ranged GETs are in flight across all blobs, over pooled connections,
-//! and each blob's whole hash (when asked for) follows its transfer closely.
+//! The scheduler: `concurrency` workers take runs of parts in file order (blob by blob) from one
+//! shared queue, so at most that many ranged GETs are in flight across all blobs, over pooled
+//! connections, and each blob's whole hash (when asked for) follows its transfer closely.
 use std::collections::BTreeSet;
 use std::mem;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -10,7 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::client::HttpClient;
 use crate::error::{Cause, Failure};
-use crate::part::fetch_part;
+use crate::part::fetch_run;
 use crate::spec::{Job, Options};
 use crate::whole::{Frontier, Verdict};
 
@@ -104,11 +105,11 @@ impl Shared {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn part_started(&self, job_index: usize, position: usize) {
+    pub fn part_started(&self, job_index: usize, position: usize) {
         self.news().active.insert((job_index, position));
     }
 
-    fn part_done(&self, job_index: usize, position: usize) {
+    pub fn part_done(&self, job_index: usize, position: usize) {
         self.parts.fetch_add(1, Ordering::Relaxed);
         let mut news = self.news();
         news.active.remove(&(job_index, position));
@@ -157,14 +158,7 @@ impl Shared {
 /// (their requests dropped) and that failure is returned. A job whose bytes are all kept but whose
 /// whole hash is asked for is judged from disk.
 pub async fn run(shared: Arc<Shared>) -> Result<(), Box<Failure>> {
-    let queue: Arc<Vec<(usize, usize)>> = Arc::new(
-        shared
-            .jobs
-            .iter()
-            .enumerate()
-            .flat_map(|(j, job)| (0..job.parts.len()).map(move |p| (j, p)))
-            .collect(),
-    );
+    let queue = Arc::new(runs(&shared.jobs, shared.options.concurrency));
     judge_kept_jobs(&shared).await;
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
@@ -182,6 +176,44 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), Box<Failure>> {
     Ok(())
 }
 
+/// Bytes one ranged GET asks for at most. Each request costs the server a fixed amount of work (on
+/// SeaweedFS here, about 1.6 ms of CPU: 8 streams of 64 MiB ranges took 9 % less server CPU than of
+/// 16 MiB ones); MinIO reads an object's metadata for each. Parts stay the unit of checking and of
+/// checkpoints, so a bad part still costs one part to refetch.
+const RUN_BYTES: u64 = 64 << 20;
+
+/// The work queue: `(job, positions)` runs of adjacent parts, blob by blob in file order, each
+/// fetched with one request. A run is at most [`RUN_BYTES`], and short enough that there are about
+/// four runs per stream (a small model keeps every stream busy); a part with kept bytes is a run of
+/// its own (the request would otherwise skip over them).
+fn runs(jobs: &[Job], concurrency: usize) -> Vec<(usize, Range<usize>)> {
+    let missing: u64 = jobs
+        .iter()
+        .flat_map(|job| job.parts.iter().map(|p| p.length - p.kept))
+        .sum();
+    let budget = (missing / (4 * concurrency as u64)).min(RUN_BYTES);
+    let mut queue = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let mut start = 0;
+        while start < job.parts.len() {
+            let first = &job.parts[start];
+            let (mut end, mut bytes) = (start + 1, first.length);
+            while first.kept == 0 && end < job.parts.len() {
+                let (prev, next) = (&job.parts[end - 1], &job.parts[end]);
+                let adjacent = prev.offset + prev.length == next.offset && next.kept == 0;
+                if !adjacent || bytes + next.length > budget {
+                    break;
+                }
+                bytes += next.length;
+                end += 1;
+            }
+            queue.push((j, start..end));
+            start = end;
+        }
+    }
+    queue
+}
+
 async fn judge_kept_jobs(shared: &Arc<Shared>) {
     for (j, job) in shared.jobs.iter().enumerate() {
         if let Some(frontier) = shared.frontier(j).filter(|f| !f.has_parts()) {
@@ -193,13 +225,11 @@ async fn judge_kept_jobs(shared: &Arc<Shared>) {
 
 async fn worker(
     shared: &Shared,
-    queue: &[(usize, usize)],
+    queue: &[(usize, Range<usize>)],
     next: &AtomicUsize,
 ) -> Result<(), Box<Failure>> {
-    while let Some(&(j, p)) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
-        shared.part_started(j, p);
-        fetch_part(shared, j, p).await?;
-        shared.part_done(j, p);
+    while let Some((j, positions)) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
+        fetch_run(shared, *j, positions.clone()).await?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.server
+import itertools
 import json
 import os
 import shutil
@@ -198,14 +199,21 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     data = b""
+    ranges: list[tuple[int, int]] = []  # every range asked for, in order (a per-server copy)
+    cut_after: list[int] = []  # for each of the first responses, the bytes sent before hanging up
 
     def do_GET(self) -> None:
         first, last = (int(n) for n in self.headers["Range"].removeprefix("bytes=").split("-"))
+        self.ranges.append((first, last))
         body = self.data[first:last + 1]
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {first}-{last}/{len(self.data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.cut_after:
+            self.wfile.write(body[:self.cut_after.pop(0)])
+            self.close_connection = True
+            return
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
@@ -245,15 +253,20 @@ def test_https_with_a_private_ca_from_ssl_cert_file(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def range_server() -> Iterator[tuple[str, bytes]]:
+def range_handler() -> type[RangeHandler]:
+    """The handler class of `range_server`: its `ranges` log and `cut_after` faults."""
+    return type("Handler", (RangeHandler,), {"data": os.urandom(300_000), "ranges": [], "cut_after": []})
+
+
+@pytest.fixture
+def range_server(range_handler: type[RangeHandler]) -> Iterator[tuple[str, bytes]]:
     """A plain-HTTP range server of 300 kB of random bytes: (URL, bytes)."""
-    data = os.urandom(300_000)
-    handler = type("Handler", (RangeHandler,), {"data": data})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), range_handler)
+    server.handle_error = lambda request, address: None  # type: ignore[method-assign]  # a cut is the test
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/bucket/key?X-Amz-Signature=x", data
+        yield f"http://127.0.0.1:{server.server_address[1]}/bucket/key?X-Amz-Signature=x", range_handler.data
     finally:
         server.shutdown()
         server.server_close()
@@ -290,3 +303,48 @@ def test_a_lying_blake3_part_digest_fails_the_fetch(tmp_path: Path, range_server
         native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], max_retries=1,
                      backoff_base=0.001, backoff_max=0.01)
     assert caught.value.expected == lie
+
+
+# -- runs: adjacent parts fetched with one request ----------------------------------------------------
+
+
+def test_adjacent_parts_share_one_request_and_each_is_checked(
+        tmp_path: Path, range_server: tuple[str, bytes], range_handler: type[RangeHandler]) -> None:
+    """One stream, ten parts: runs of about a quarter of the bytes (here two or three parts) go in one
+    ranged GET each, and every part is still checked by its own digest."""
+    url, data = range_server
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    parts = blake3_parts(data, 30_000)
+    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1)
+    assert stats["parts"] == 10 and path.read_bytes() == data
+    assert 2 <= len(range_handler.ranges) <= 5, range_handler.ranges
+    assert range_handler.ranges[0][0] == 0 and range_handler.ranges[-1][1] == len(data) - 1
+    assert all(a[1] + 1 == b[0] for a, b in itertools.pairwise(range_handler.ranges))
+
+
+def test_a_lying_digest_inside_a_run_refetches_from_that_part(
+        tmp_path: Path, range_server: tuple[str, bytes], range_handler: type[RangeHandler]) -> None:
+    url, data = range_server
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    parts = blake3_parts(data, 30_000)
+    parts[1] = (*parts[1][:3], blake3.blake3(b"not these bytes").hexdigest())
+    with pytest.raises(native.DigestMismatchError):
+        native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1,
+                     max_retries=1, backoff_base=0.001, backoff_max=0.01)
+    # the run's first request, then its retry from part 1 (the first part is not asked for again)
+    assert range_handler.ranges[0][0] == 0 and range_handler.ranges[1][0] == 30_000
+
+
+def test_a_run_cut_mid_part_resumes_at_the_first_missing_byte(
+        tmp_path: Path, range_server: tuple[str, bytes], range_handler: type[RangeHandler]) -> None:
+    url, data = range_server
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    range_handler.cut_after.append(45_000)  # half way through the run's second part
+    parts = blake3_parts(data, 30_000)
+    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1,
+                         backoff_base=0.001, backoff_max=0.01)
+    assert stats["retries"] == 1 and path.read_bytes() == data
+    assert range_handler.ranges[1][0] == 45_000  # neither part 0 nor the first half of part 1 again
