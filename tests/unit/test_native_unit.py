@@ -278,31 +278,43 @@ def blake3_parts(data: bytes, size: int) -> list[tuple[int, int, int, str | None
             for i, (offset, chunk) in enumerate(chunks)]
 
 
+LIE = blake3.blake3(b"not these bytes").hexdigest()
+
+
+def blake3_job(tmp_path: Path, url: str, data: bytes, part_size: int,
+               lie_at: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """A zeroed file for `data` and a job filling it, its parts of `part_size` checked by BLAKE3; the part
+    at `lie_at` gets a wrong digest."""
+    path = tmp_path / "blob"
+    path.write_bytes(b"\0" * len(data))
+    parts = blake3_parts(data, part_size)
+    if lie_at is not None:
+        parts[lie_at] = (*parts[lie_at][:3], LIE)
+    return path, {**spec(path, url, len(data), parts), "part_digest": "blake3"}
+
+
+FAST_RETRY = {"max_retries": 1, "backoff_base": 0.001, "backoff_max": 0.01}
+
+
 def test_parts_are_checked_by_blake3_when_the_job_says_so(tmp_path: Path,
                                                            range_server: tuple[str, bytes]) -> None:
     url, data = range_server
-    path = tmp_path / "blob"
-    path.write_bytes(b"\0" * len(data))
-    parts = blake3_parts(data, 100_000)
-    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=2)
+    path, job = blake3_job(tmp_path, url, data, 100_000)
+    stats = native.fetch([job], concurrency=2)
     assert stats["parts"] == 3 and path.read_bytes() == data
     # The same BLAKE3 digests read as sha256 are wrong: the job's part_digest is what they are checked by.
     path.write_bytes(b"\0" * len(data))
+    del job["part_digest"]
     with pytest.raises(native.DigestMismatchError, match="sha256"):
-        native.fetch([spec(path, url, len(data), parts)], max_retries=0)
+        native.fetch([job], max_retries=0)
 
 
 def test_a_lying_blake3_part_digest_fails_the_fetch(tmp_path: Path, range_server: tuple[str, bytes]) -> None:
     url, data = range_server
-    path = tmp_path / "blob"
-    path.write_bytes(b"\0" * len(data))
-    parts = blake3_parts(data, 100_000)
-    lie = blake3.blake3(b"other bytes").hexdigest()
-    parts[1] = (*parts[1][:3], lie)
+    _, job = blake3_job(tmp_path, url, data, 100_000, lie_at=1)
     with pytest.raises(native.DigestMismatchError, match="BLAKE3") as caught:
-        native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], max_retries=1,
-                     backoff_base=0.001, backoff_max=0.01)
-    assert caught.value.expected == lie
+        native.fetch([job], **FAST_RETRY)
+    assert caught.value.expected == LIE
 
 
 # -- runs: adjacent parts fetched with one request ----------------------------------------------------
@@ -313,10 +325,8 @@ def test_adjacent_parts_share_one_request_and_each_is_checked(
     """One stream, ten parts: runs of about a quarter of the bytes (here two or three parts) go in one
     ranged GET each, and every part is still checked by its own digest."""
     url, data = range_server
-    path = tmp_path / "blob"
-    path.write_bytes(b"\0" * len(data))
-    parts = blake3_parts(data, 30_000)
-    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1)
+    path, job = blake3_job(tmp_path, url, data, 30_000)
+    stats = native.fetch([job], concurrency=1)
     assert stats["parts"] == 10 and path.read_bytes() == data
     assert 2 <= len(range_handler.ranges) <= 5, range_handler.ranges
     assert range_handler.ranges[0][0] == 0 and range_handler.ranges[-1][1] == len(data) - 1
@@ -326,13 +336,9 @@ def test_adjacent_parts_share_one_request_and_each_is_checked(
 def test_a_lying_digest_inside_a_run_refetches_from_that_part(
         tmp_path: Path, range_server: tuple[str, bytes], range_handler: type[RangeHandler]) -> None:
     url, data = range_server
-    path = tmp_path / "blob"
-    path.write_bytes(b"\0" * len(data))
-    parts = blake3_parts(data, 30_000)
-    parts[1] = (*parts[1][:3], blake3.blake3(b"not these bytes").hexdigest())
+    _, job = blake3_job(tmp_path, url, data, 30_000, lie_at=1)
     with pytest.raises(native.DigestMismatchError):
-        native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1,
-                     max_retries=1, backoff_base=0.001, backoff_max=0.01)
+        native.fetch([job], concurrency=1, **FAST_RETRY)
     # the run's first request, then its retry from part 1 (the first part is not asked for again)
     assert range_handler.ranges[0][0] == 0 and range_handler.ranges[1][0] == 30_000
 
@@ -340,11 +346,8 @@ def test_a_lying_digest_inside_a_run_refetches_from_that_part(
 def test_a_run_cut_mid_part_resumes_at_the_first_missing_byte(
         tmp_path: Path, range_server: tuple[str, bytes], range_handler: type[RangeHandler]) -> None:
     url, data = range_server
-    path = tmp_path / "blob"
-    path.write_bytes(b"\0" * len(data))
+    path, job = blake3_job(tmp_path, url, data, 30_000)
     range_handler.cut_after.append(45_000)  # half way through the run's second part
-    parts = blake3_parts(data, 30_000)
-    stats = native.fetch([{**spec(path, url, len(data), parts), "part_digest": "blake3"}], concurrency=1,
-                         backoff_base=0.001, backoff_max=0.01)
+    stats = native.fetch([job], concurrency=1, **FAST_RETRY)
     assert stats["retries"] == 1 and path.read_bytes() == data
     assert range_handler.ranges[1][0] == 45_000  # neither part 0 nor the first half of part 1 again
