@@ -439,3 +439,21 @@ def test_a_file_where_a_cache_folder_belongs_is_removed(cache: RepoCache) -> Non
     assert not any(f.exists() for f in (cache.blobs, cache.snapshots, cache.refs))
     build_complete(cache)  # every write of a pull now works
     assert audit_cache(cache, COMMIT, MANIFEST, "main") == []
+
+
+def test_a_checkpoint_is_rewritten_in_place_and_a_shorter_one_reads_back_exactly(cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS, have=[(0, 10), (20, 30), (40, 50)])
+    path = cache.part_state_path(W.blob_name)
+    inode = path.stat().st_ino
+    write_part_state(cache, W.blob_name, W.size, Extents([(0, 50)]))
+    assert path.stat().st_ino == inode  # the same file: written over, not renamed over
+    assert read_part_state(cache, W.blob_name, W.size).ranges == [(0, 50)]  # the old tail is padding
+
+
+def test_a_checkpoint_longer_than_a_page_is_replaced_whole(cache: RepoCache) -> None:
+    write_partial(cache, WEIGHTS, have=[(0, 10)])
+    many = [(i * 4, i * 4 + 2) for i in range(W.size // 4)][:800]  # fragmented: well over 4 KiB of JSON
+    write_part_state(cache, W.blob_name, W.size, Extents(many))
+    assert read_part_state(cache, W.blob_name, W.size).ranges == many
+    write_part_state(cache, W.blob_name, W.size, Extents([(0, 10)]))  # back under a page, over a long file
+    assert read_part_state(cache, W.blob_name, W.size).ranges == [(0, 10)]
