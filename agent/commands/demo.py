@@ -33,7 +33,7 @@ def check_sizes(shards: int, shard_mib: int) -> None:
 
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     check_sizes(args.shards, args.shard_mib)  # before a server starts or a byte is generated
-    from agent.demo import run_demo  # the test bed (SeaweedFS, safetensors) is needed only here
+    from agent.demo.run import run_demo  # the test bed (SeaweedFS, safetensors) is needed only here
 
     del settings  # the demo configures its own embedded server and cache
     started = time.monotonic()
