@@ -24,7 +24,6 @@ from agent.errors import UnsafePathError, UsageError
 # The names of the cache: a commit and a git blob id are 40 hex (sha1), an LFS blob 64 hex (sha256).
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-COMMIT_RE = SHA1_RE
 BLOB_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 REPO_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PART_SUFFIX = ".simswarm.part"
@@ -38,7 +37,7 @@ FILE_MODE = 0o644
 
 
 def is_commit(value: str) -> bool:
-    return bool(COMMIT_RE.match(value))
+    return bool(SHA1_RE.match(value))
 
 
 def git_blob_header(size: int) -> bytes:

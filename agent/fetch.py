@@ -155,7 +155,7 @@ def preallocate(path: Path, size: int) -> None:
 
 
 def blob_jobs(cache: RepoCache, plan: Plan, urls: dict[str, str], keys: dict[str, str],
-              in_place: bool = True) -> list[BlobJob]:
+              in_place: bool) -> list[BlobJob]:
     """One job per planned blob, its partial file preallocated for an engine that writes parts in place;
     for one that writes whole objects beside it (s5cmd) the file is left empty, so the disk never holds a
     blob twice."""
