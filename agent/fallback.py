@@ -32,7 +32,7 @@ from agent.errors import (
 from agent.lock import cache_lock, reading_lock
 from agent.manifest import DEFAULT_PART_SIZE, Manifest, parse_manifest
 from agent.output import Output, human_bytes
-from agent.pull import PullOptions, PullResult, pull_from_store
+from agent.pull import Handoff, PullOptions, PullResult, pull_from_store
 from agent.ready import cache_writable
 from agent.s3read import ObjectReader
 from agent.selection import Choice, Selection, choose
@@ -54,7 +54,7 @@ class FallbackResult(PullResult):
 
 
 def try_bucket(settings: Settings, opts: PullOptions, out: Output, *, reader: ObjectReader | None = None,
-               engine: Engine | None = None) -> PullResult | AgentError:
+               engine: Engine | None = None, handoff: Handoff | None = None) -> PullResult | AgentError:
     """The bucket's result, or why it cannot deliver (the errors that allow a fallback, and a read-only
     cache, which may still hold a complete copy of another commit). Whatever else goes wrong on the
     bucket path becomes the agent's error here: a pod out of open files, or a bug nobody foresaw, may
@@ -62,7 +62,7 @@ def try_bucket(settings: Settings, opts: PullOptions, out: Output, *, reader: Ob
     if not settings.storage_enabled:
         return ConfigError("object storage is off: MINIO_ENDPOINT is not set", hint="set MINIO_ENDPOINT")
     try:
-        return pull_from_store(settings, opts, out, reader=reader, engine=engine)
+        return pull_from_store(settings, opts, out, reader=reader, engine=engine, handoff=handoff)
     except (*BUCKET_CANNOT_DELIVER, ReadOnlyCacheError) as exc:
         return exc
     except AgentError:
@@ -95,14 +95,16 @@ def explained(cause: AgentError, refusal: str) -> AgentError:
 
 def pull_with_fallback(settings: Settings, opts: PullOptions, out: Output, *, allow_fallback: bool,
                        write_back: bool, reader: ObjectReader | None = None,
-                       engine: Engine | None = None) -> PullResult:
+                       engine: Engine | None = None, handoff: Handoff | None = None) -> PullResult:
     """Fill the cache from the bucket, else from the Hub; the result says which and why.
 
     Without the fallback the bucket's own error is raised (exit 3 not available, 4 verification; with
     storage off, 3: the model is not in the cache). A Hub failure is exit 3 naming both causes.
-    `reader` and `engine` go to the bucket's pull (tests); None: as configured.
+    `reader` and `engine` go to the bucket's pull (tests); None: as configured. `handoff` goes to the
+    bucket's pull (serve's overlapped start); the Hub's download does not tell it anything.
     """
-    outcome = try_bucket(settings, opts, out, reader=reader, engine=engine)  # 1. the bucket first, always
+    # 1. the bucket first, always
+    outcome = try_bucket(settings, opts, out, reader=reader, engine=engine, handoff=handoff)
     if isinstance(outcome, PullResult):
         return outcome
     cause = outcome

@@ -41,6 +41,7 @@ class Fetch:
     engine: Engine
     limits: TransferConfig
     out: Output
+    on_named: Callable[[str], None] | None = None  # each blob once it has its final name (it passed)
 
     def verified(self, plan: Plan, *, full: bool, rehash: bool) -> int:
         """Transfer, then repair what failed its check; returns the bytes fetched, repairs included."""
@@ -79,7 +80,7 @@ class Fetch:
         urls = {name: self.reader.presign(key, expires=URL_EXPIRY) if self.engine.reads_urls else ""
                 for name, key in keys.items()}
         self.cache.ensure_dirs()
-        finisher = Finisher(self.cache, plan, self.engine, policy)
+        finisher = Finisher(self.cache, plan, self.engine, policy, on_named=self.on_named)
         jobs = [finisher.job(j) for j in blob_jobs(self.cache, plan, urls, keys, self.engine.writes_in_place)]
         progress = Progress(self.out, plan.bytes_to_fetch)
         try:

@@ -54,8 +54,9 @@ class Finisher:
     engine that cannot), and gives it its final name once the check passed."""
 
     def __init__(self, cache: RepoCache, plan: Plan, engine: Engine, policy: CheckPolicy,
-                 workers: int = 2) -> None:
+                 workers: int = 2, on_named: Callable[[str], None] | None = None) -> None:
         self.cache = cache
+        self.on_named = on_named  # told each blob that got its final name (checked): vLLM may read it
         self.policy = policy
         self.engine = engine
         self.blobs = {b.name: b for b in plan.to_fetch}
@@ -161,6 +162,8 @@ class Finisher:
             self.cache.part_state_path(name).unlink()
         if self.policy.full:
             self.cache.remember_verified(name)
+        if self.on_named is not None:
+            self.on_named(name)
         return None
 
     def failures(self) -> dict[str, str]:

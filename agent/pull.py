@@ -11,6 +11,11 @@
    hashing with the transfer) and only then gets its final name;
 6. place snapshot links, then the ref, then trees/<commit>.json, so nothing looks complete early.
 
+With a `Handoff` (serve's overlapped start, `agent.serving`), step 5 runs in two rounds: first the
+files vLLM reads before any weight, which are then linked with the ref (step 6 for them alone), and the
+handoff is told so vLLM can start; then the weights, in the order vLLM reads them, the handoff told of
+each blob as it gets its final name (it passed its check). Step 6 then completes the snapshot as always.
+
 Where each step lives: 1 `agent.remote` and `agent.subset`; 2 `agent.ready`, and the lock `agent.lock`;
 3 `agent.clean`; 4 `agent.plan`; 5 `agent.fetch` (the transfer and its repairs) with `agent.finish` (each
 blob's check and final name) and the engines; 6 `agent.cache`. A pod's entry point is
@@ -19,9 +24,12 @@ blob's check and final name) and the engines; 6 `agent.cache`. A pod's entry poi
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from agent.cache import RepoCache, is_commit
 from agent.clean import clean_stale
@@ -81,6 +89,22 @@ class PullResult:
         return asdict(self)
 
 
+class Handoff(Protocol):
+    """What a caller that starts its consumer before the pull ends is asked and told, in this order."""
+
+    def first(self, path: str) -> bool:
+        """Whether `path` must be in place before the rest is fetched."""
+
+    def reading_order(self, paths: list[str]) -> list[str]:
+        """`paths` (of the rest) in the order the consumer will read them."""
+
+    def placed_first(self, cache: RepoCache, snap: StagedSnapshot) -> None:
+        """The first files are verified and linked, and the ref points at the commit."""
+
+    def arrived(self, blob_name: str) -> None:
+        """A blob of the rest is on disk under its final name: it passed its check."""
+
+
 def place(cache: RepoCache, snap: StagedSnapshot, revision: str) -> Path:
     """Links first, then the ref, then the manifest: each step only once the previous one is true."""
     for path, entry in snap.manifest.files.items():
@@ -93,10 +117,53 @@ def place(cache: RepoCache, snap: StagedSnapshot, revision: str) -> Path:
     return cache.snapshot_dir(snap.commit)
 
 
+def place_first(cache: RepoCache, snap: StagedSnapshot, revision: str, first: Callable[[str], bool]) -> None:
+    """Step 6 for the first files alone: their links, then the ref. trees/<commit>.json is written only
+    once the rest has landed: huggingface_hub checks an offline snapshot against it, and one listing
+    files still on their way would make vLLM's resolution of the model fail."""
+    for path, entry in snap.manifest.files.items():
+        if first(path):
+            cache.link(snap.commit, path, entry.blob_name)
+    with contextlib.suppress(FileNotFoundError):
+        cache.tree_path(snap.commit).unlink()
+    if not is_commit(revision):
+        cache.write_ref(revision, snap.commit)
+
+
+def fetch_in_two_rounds(fetch: Fetch, plan: Plan, opts: PullOptions, handoff: Handoff) -> int:
+    """Step 5 with a handoff: the first files, placed and handed off, then the rest in the handoff's
+    order, each blob handed off as it gets its name. Returns the bytes fetched."""
+    snap = fetch.snap
+    first_blobs = {e.blob_name for p, e in snap.manifest.files.items() if handoff.first(p)}
+    first = [b for b in plan.to_fetch if b.name in first_blobs]
+    later = [p for p, e in snap.manifest.files.items() if e.blob_name not in first_blobs]
+    rank: dict[str, int] = {}
+    order = handoff.reading_order(later)
+    for index, path in enumerate(order):
+        rank.setdefault(snap.manifest.files[path].blob_name, index)
+    rest = sorted((b for b in plan.to_fetch if b.name not in first_blobs), key=lambda b: rank.get(b.name, 0))
+    fetched = fetch.verified(Plan(first), full=opts.full, rehash=opts.rehash) if first else 0
+    place_first(fetch.cache, snap, opts.revision, handoff.first)
+    handoff.placed_first(fetch.cache, snap)
+    for name in plan.present:
+        handoff.arrived(name)
+    if rest:
+        fetched += replace(fetch, on_named=handoff.arrived).verified(Plan(rest), full=opts.full,
+                                                                      rehash=opts.rehash)
+    return fetched
+
+
+def fetch_planned(fetch: Fetch, plan: Plan, opts: PullOptions, handoff: Handoff | None) -> int:
+    if handoff is None:
+        return fetch.verified(plan, full=opts.full, rehash=opts.rehash)
+    return fetch_in_two_rounds(fetch, plan, opts, handoff)
+
+
 def pull_from_store(settings: Settings, opts: PullOptions, out: Output, *, reader: ObjectReader | None = None,
-                    engine: Engine | None = None) -> PullResult:
+                    engine: Engine | None = None, handoff: Handoff | None = None) -> PullResult:
     """The story above, step by step. `reader` and `engine`: the bucket and the engine to use (by default
-    the ones `settings` and `opts` name)."""
+    the ones `settings` and `opts` name); `handoff`: told when the first files are in place and as each
+    later blob lands (never when the snapshot is complete already, or has nothing to fetch)."""
     started = time.monotonic()
     reader = reader or open_reader(settings)
     engine = engine or pick_engine(opts.engine, settings)
@@ -120,7 +187,7 @@ def pull_from_store(settings: Settings, opts: PullOptions, out: Output, *, reade
                       f"{limits.concurrency} streams",
                       blobs=len(plan.to_fetch), bytes=plan.bytes_to_fetch, engine=engine.name)
             fetch = Fetch(reader, cache, snap, engine, limits, out)
-            result.bytes_downloaded = fetch.verified(plan, full=opts.full, rehash=opts.rehash)  # 5. fetch
+            result.bytes_downloaded = fetch_planned(fetch, plan, opts, handoff)  # 5. fetch
             result.blobs_fetched = len(plan.to_fetch)
             result.retries = int(getattr(engine, "retries", 0))
         else:

@@ -25,6 +25,8 @@ TRUE_VALUES = frozenset({"1", "true", "yes", "on"})  # huggingface_hub's ENV_VAR
 # huggingface_hub's order: HF_HUB_OFFLINE when it is set, else TRANSFORMERS_OFFLINE decides.
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 VLLM_BIN_ENV = "SIMSWARM_VLLM_BIN"
+OVERLAP_ENV = "SIMSWARM_OVERLAP"  # false: `serve` pulls every file before vLLM starts
+FALSE_VALUES = frozenset({"0", "false", "no", "off"})
 # The object-storage keys, in our spelling and the AWS SDKs': no child process starts with them (vLLM
 # needs none; s5cmd is handed the agent's own keys explicitly), so they cannot outlive the pull.
 STORAGE_SECRETS = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -156,6 +158,7 @@ class Settings:
     deadlines: Deadlines = field(default_factory=Deadlines)
     hub_offline: str | None = None  # the variable that forbids the Hub (see `offline_from_env`), if any
     vllm_bin: str | None = None  # $SIMSWARM_VLLM_BIN: the vLLM executable `serve` runs
+    overlap: bool = True  # $SIMSWARM_OVERLAP: `serve` starts vLLM while the weights arrive
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -177,6 +180,7 @@ class Settings:
             deadlines=Deadlines.from_env(env),
             hub_offline=offline_from_env(env),
             vllm_bin=_clean(env.get(VLLM_BIN_ENV)),
+            overlap=(_clean(env.get(OVERLAP_ENV)) or "true").lower() not in FALSE_VALUES,
         )
 
     @property

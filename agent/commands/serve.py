@@ -1,5 +1,10 @@
-"""`serve MODEL [pull options] [--vllm-bin PATH] [-- VLLM_ARGS...]`: pull (with the Hub fallback), then
-exec `vllm serve`, offline, on the filled cache.
+"""`serve MODEL [pull options] [--vllm-bin PATH] [--no-overlap] [-- VLLM_ARGS...]`: pull (with the Hub
+fallback) and exec `vllm serve`, offline, on the filled cache.
+
+By default vLLM is exec'd as soon as the files it reads before any weight are in place, while a
+background process goes on pulling the weights (`agent.serving`); `--no-overlap` (or
+SIMSWARM_OVERLAP=false), a load format chosen by the user, or a vLLM without the plugin keep the order
+of `pull`, then exec.
 
 argparse cannot mix options after a positional with a `--` section in one pass (and strips or keeps a
 `--` depending on where it stands), so MODEL and everything after it are taken verbatim as one
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -22,10 +28,14 @@ from agent.commands.pull import (
     summarize,
     write_report,
 )
-from agent.errors import UsageError
+from agent.errors import Interrupted, UsageError
 from agent.fallback import pull_with_fallback
 from agent.launch import exec_vllm, flag_value, redact_argv, resolve_vllm_bin, vllm_argv, vllm_env
 from agent.output import Output
+from agent.pull import Handoff, PullOptions, PullResult
+from agent.serving import background
+from agent.serving.arrivals import ENV_ARRIVALS, ENV_BACKGROUND_PID, ENV_MAIN_PID, ENV_STATUS_FD, LOAD_FORMAT
+from agent.serving.probe import Probe
 from agent.settings import Settings
 
 SEPARATOR = "--"
@@ -35,6 +45,10 @@ def add_serve_options(parser: argparse.ArgumentParser, *, with_model: bool) -> N
     add_pull_options(parser, with_model=with_model, files_default="vllm")
     parser.add_argument("--vllm-bin", metavar="PATH",
                         help="the vLLM executable (default: $SIMSWARM_VLLM_BIN, else `vllm` on PATH)")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="pull every file before starting vLLM (default: start vLLM once its configs "
+                             "and tokenizer are in place, the weights following); also "
+                             "SIMSWARM_OVERLAP=false")
 
 
 def add_parser(sub: Any) -> None:
@@ -95,21 +109,82 @@ def load_format_for(args: argparse.Namespace, vllm_args: Sequence[str]) -> str |
     return ours
 
 
+def overlap_refusal(args: argparse.Namespace, settings: Settings, load_format: str | None) -> str | None:
+    """Why vLLM must wait for the whole pull (None: it may start while the weights arrive)."""
+    if args.no_overlap:
+        return "--no-overlap"
+    if not settings.overlap:
+        return "SIMSWARM_OVERLAP is off"
+    if load_format is not None:
+        return f"the load format {load_format!r} was chosen, and only the plugin's own starts early"
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return "the background pull needs Linux"
+    return None
+
+
 def run(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     vllm_args = parse_after_model(args)
     settings = settings.with_hf_home(args.hf_home)
     vllm_bin = resolve_vllm_bin(args.vllm_bin, settings)  # before the pull: fail in seconds, not minutes
     load_format = load_format_for(args, vllm_args)
     opts = options_from(args, settings, selection_from(args, load_format))
+    refusal = overlap_refusal(args, settings, load_format)
+    if refusal is None:
+        return serve_overlapped(args, settings, out, opts, vllm_bin, vllm_args)
+    out.event("serve.order", f"pulling every file before vLLM starts: {refusal}", reason=refusal)
     result = pull_with_fallback(settings, opts, out, allow_fallback=not args.no_fallback,
                                 write_back=args.write_back)
     write_report(args.report, result)
     summarize(result, out)
     # An explicit format the files were chosen for goes to vLLM too, so it cannot pick another.
     chosen_for = load_format if opts.selection.files == "vllm" and load_format != "auto" else None
-    argv = vllm_argv(opts.repo_id, vllm_args, vllm_bin=vllm_bin, revision=opts.revision,
-                     commit=result.commit, load_format=chosen_for)
+    start_vllm(opts, vllm_args, vllm_bin, settings, out, commit=result.commit, load_format=chosen_for)
+    return 0  # not reached: exec_vllm replaces the process or raises
+
+
+def start_vllm(opts: PullOptions, vllm_args: list[str], vllm_bin: str, settings: Settings, out: Output, *,
+               commit: str, load_format: str | None, extra_env: dict[str, str] | None = None) -> None:
+    argv = vllm_argv(opts.repo_id, vllm_args, vllm_bin=vllm_bin, revision=opts.revision, commit=commit,
+                     load_format=load_format)
     shown = redact_argv(argv)
     out.event("serve.exec", f"starting vLLM: {' '.join(shown)}", argv=shown)
-    exec_vllm(argv, vllm_env(os.environ, settings))
+    exec_vllm(argv, {**vllm_env(os.environ, settings), **(extra_env or {})})
+
+
+def serve_overlapped(args: argparse.Namespace, settings: Settings, out: Output, opts: PullOptions,
+                     vllm_bin: str, vllm_args: list[str]) -> int:
+    """The pull in a background process; vLLM exec'd once its first files are in place (see
+    `agent.serving.background`). Returns only with the background pull's exit code, when it failed."""
+
+    def pull(handoff: Handoff) -> PullResult:
+        return pull_with_fallback(settings, opts, out, allow_fallback=not args.no_fallback,
+                                  write_back=args.write_back, handoff=handoff)
+
+    def finish(result: PullResult) -> None:
+        write_report(args.report, result)
+        summarize(result, out)
+
+    pulling = background.start(opts, out, pull, finish, debug=bool(getattr(args, "debug", False)))
+    probe = Probe(vllm_bin)  # vLLM's interpreter answers while the first files are fetched
+    try:
+        report = pulling.next_report()
+        refusal = probe.why_not() if report is not None and report.get("stage") == "first" else None
+        if refusal is not None:
+            out.event("serve.order", f"waiting for every file before vLLM starts: {refusal}", reason=refusal)
+            report = pulling.next_report()
+    except Interrupted:
+        return pulling.stop()  # the background pull says so in its own line
+    finally:
+        probe.close()
+    if report is None or report.get("stage") not in ("done", "first"):
+        return pulling.wait()  # it failed and said why in its one line
+    if report["stage"] == "done":  # complete already, or delivered whole (the Hub): vLLM's own loader
+        pulling.wait()
+        start_vllm(opts, vllm_args, vllm_bin, settings, out, commit=str(report.get("commit", "")),
+                   load_format=None)
+    os.set_inheritable(pulling.status_fd, True)  # vLLM's main process reads the rest of the reports
+    extra = {ENV_ARRIVALS: str(report["arrivals"]), ENV_BACKGROUND_PID: str(pulling.pid),
+             ENV_STATUS_FD: str(pulling.status_fd), ENV_MAIN_PID: str(os.getpid())}
+    start_vllm(opts, vllm_args, vllm_bin, settings, out, commit=str(report.get("commit", "")),
+               load_format=LOAD_FORMAT, extra_env=extra)
     return 0  # not reached: exec_vllm replaces the process or raises
