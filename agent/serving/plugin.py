@@ -60,6 +60,11 @@ def register() -> None:
     if not _registered:
         _registered = True
         _register_loader()
+    register_in_main_process()
+
+
+def register_in_main_process() -> None:
+    """In the pod's main process (where the agent exec'd vLLM), follow the background pull."""
     if os.environ.get(ENV_MAIN_PID) == str(os.getpid()):
         start_watcher()
 

@@ -88,7 +88,8 @@ class ThrottledLink:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, throttle: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    throttle: bool) -> None:
         with contextlib.suppress(ConnectionError, asyncio.CancelledError, OSError):
             while data := await reader.read(CHUNK):
                 if throttle:
