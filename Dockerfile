@@ -4,8 +4,9 @@
 # HF_HOME and then execs vLLM, so vLLM ends up as the container's main process (DESIGN.md §10).
 # No credential is baked in: MINIO_* and HF_TOKEN come from the pod's environment (a Kubernetes Secret).
 
-# One pinned vLLM release for both stages; bump it deliberately (and pin the digest in production).
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.10.1.1
+# One pinned vLLM release for both stages, the one the selection rules, the plugin and the tests' CPU
+# build are proven with (agent/serving/release.py); bump them together (and pin the digest in production).
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
 # --- builder: the native extension, compiled against the very base it will run on ----------------------
 # Building on the vLLM image itself (Ubuntu 22.04) rather than e.g. rust:1-bookworm (glibc 2.36) keeps

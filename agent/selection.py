@@ -1,6 +1,7 @@
-"""Which files of a snapshot to pull: everything, or only what vLLM will read (mirroring vLLM 0.33.0).
+"""Which files of a snapshot to pull: everything, or only what vLLM will read (mirroring vLLM 0.32.0,
+the release in `agent.serving.release`; 0.33.0's rules are the same).
 
-The rule set, from vLLM 0.33.0's source:
+The rule set, from vLLM's source:
 
 - `model_executor/model_loader/default_loader.py` (`DefaultModelLoader._prepare_weights`):
   `load_format="auto"` becomes `"mistral"` when any file of the repo has a basename matching
@@ -50,7 +51,9 @@ from fnmatch import fnmatchcase
 
 from huggingface_hub.utils import filter_repo_objects
 
-VLLM_VERSION = "0.33.0"
+from agent.serving.release import VLLM_RELEASE
+
+VLLM_VERSION = VLLM_RELEASE
 FILES_CHOICES = ("vllm", "all")
 LOAD_FORMATS = ("auto", "safetensors", "mistral", "pt")  # what the agent's own --load-format offers
 MISTRAL_WEIGHTS = "consolidated*.safetensors"

@@ -10,7 +10,7 @@ The agent records what it skipped on purpose in `<repo>/.simswarm/selection/<com
 `scan_cache_dir()` ignores), so `verify` can tell a skipped file from a missing one:
 
     {"format_version": 1, "selection": {"files": "vllm", "load_format": "auto", "include": [],
-     "exclude": [], "vllm_version": "0.33.0"}, "load_format": "hf",
+     "exclude": [], "vllm_version": "0.32.0"}, "load_format": "hf",
      "skipped": {"original/consolidated.00.pth": {"size": 123, "why": "..."}}}
 """
 

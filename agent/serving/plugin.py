@@ -14,7 +14,7 @@ the plugin changes nothing.
   already printed its one line; the watcher stops vLLM's processes and exits with the agent's exit
   code, so the pod ends with the agent's error rather than a hang or a page of vLLM traceback.
 
-Supported: vLLM 0.32 (`SUPPORTED_VLLM`), whose `register_model_loader` and
+Supported: vLLM 0.32 (`agent.serving.release`), whose `register_model_loader` and
 `DefaultModelLoader._prepare_weights(model, subfolder, revision, fall_back_to_pt, overrides)` this
 relies on. `agent.serving.probe` checks the version before `serve` asks for the load format.
 """
@@ -43,7 +43,6 @@ from agent.serving.arrivals import (
     read_arrivals,
 )
 
-SUPPORTED_VLLM = ("0.32.",)  # version prefixes whose loader internals this plugin was proven on
 POLL_SECONDS = 0.05
 # After the background pull is gone, how long a worker still waiting gives vLLM's main process (whose
 # watcher stops everything with the agent's exit code) before it raises on its own.

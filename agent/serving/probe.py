@@ -12,7 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from agent.serving.plugin import SUPPORTED_VLLM
+from agent.serving.release import SUPPORTED_SERIES
 
 ENTRY_POINT = "agent.serving.plugin:register"
 PLUGIN_NAME = "simswarm"
@@ -81,8 +81,8 @@ class Probe:
 def judge(version: str | None, plugins: list[str]) -> str | None:
     if version is None:
         return "vLLM's interpreter has no vllm distribution"
-    if not version.startswith(SUPPORTED_VLLM):
-        supported = ", ".join(v + "x" for v in SUPPORTED_VLLM)
+    if not version.startswith(SUPPORTED_SERIES):
+        supported = ", ".join(v + "x" for v in SUPPORTED_SERIES)
         return f"vLLM {version} is not a release the plugin supports ({supported})"
     if ENTRY_POINT not in plugins:
         return "simswarm-agent's vLLM plugin is not installed in vLLM's environment"

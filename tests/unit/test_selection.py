@@ -1,4 +1,4 @@
-"""The vLLM-aware file selection over plain file lists: the repo shapes vLLM 0.33.0 meets (Llama 3.x with
+"""The vLLM-aware file selection over plain file lists: the repo shapes vLLM 0.32.0 meets (Llama 3.x with
 Meta's original/, .bin beside .safetensors, Mistral's consolidated beside HF shards, .bin only), the
 load formats, the index filter, the fall-backs to "everything", and the --include/--exclude patterns."""
 
