@@ -11,6 +11,8 @@
 #   SIMSWARM_NO_FALLBACK  true: never download from the Hugging Face Hub
 #   SIMSWARM_WRITE_BACK   true: stage a model that came from the Hub into the bucket for the next pod
 #   SIMSWARM_REPORT       file to write the pull's JSON report to
+#   SIMSWARM_OVERLAP      false: pull every file before vLLM starts (read by the agent itself; default:
+#                         vLLM starts once its configs are in place, the weights arriving meanwhile)
 # Arguments given to this script go to vLLM after VLLM_ARGS. MINIO_*, HF_HOME, HF_TOKEN, HF_ENDPOINT
 # are read by the agent itself (never put a credential on a command line).
 set -euo pipefail
