@@ -176,3 +176,53 @@ def test_nothing_under_a_final_blob_name_is_ever_a_partial_file(
     cache = RepoCache(pod.hub_cache, REPO)
     for job in engine.calls[0]:
         assert job.temp_path == cache.part_path(job.blob_name) and not BLOB_RE.match(job.temp_path.name)
+
+
+class RecordingHandoff:
+    """A `Handoff` that notes, at each call, what an offline reader of the cache would see."""
+
+    def __init__(self, cache: RepoCache) -> None:
+        self.cache = cache
+        self.log: list[tuple[str, Any]] = []
+
+    def first(self, path: str) -> bool:
+        return not path.endswith(".safetensors")
+
+    def reading_order(self, paths: list[str]) -> list[str]:
+        return sorted(paths, reverse=True)  # the opposite of the manifest's order: the pull must follow it
+
+    def placed_first(self, cache: RepoCache, snap: Any) -> None:
+        blobs = {p.name for p in cache.blobs.iterdir() if BLOB_RE.match(p.name)}
+        self.log.append(("first", {"ref": cache.read_ref("main"), "tree": cache.tree_path(COMMIT).exists(),
+                                   "blobs": blobs}))
+
+    def arrived(self, blob_name: str) -> None:
+        self.log.append(("arrived", blob_name))
+
+
+def test_a_handoff_gets_the_first_files_placed_then_each_weight_in_its_reading_order(
+        pod: Settings, store: FakeStore, staged_manifest: Manifest, unit_model: Path) -> None:
+    cache = RepoCache(pod.hub_cache, REPO)
+    handoff = RecordingHandoff(cache)
+    engine = FakeEngine(store)
+    pull_from_store(pod, PullOptions(REPO), quiet(), reader=store, engine=engine, handoff=handoff)
+    shards = sorted((p for p in staged_manifest.files if p.endswith(".safetensors")), reverse=True)
+    weight_blobs = [staged_manifest.files[p].blob_name for p in shards]
+    first_blobs = {e.blob_name for p, e in staged_manifest.files.items() if not p.endswith(".safetensors")}
+    (stage, seen), *arrivals = handoff.log
+    # The configs were verified and named, the ref written, no tree yet, no weight named yet.
+    assert stage == "first" and seen["ref"] == COMMIT and seen["tree"] is False
+    assert seen["blobs"] == first_blobs
+    # Then the weights, one transfer in the handoff's order, each handed off once named.
+    assert arrivals == [("arrived", name) for name in weight_blobs]
+    assert [[j.blob_name for j in jobs] for jobs in engine.calls][-1] == weight_blobs
+    assert_complete(pod, staged_manifest, unit_model)
+
+
+def test_a_complete_cache_never_calls_the_handoff(
+        pod: Settings, store: FakeStore, staged_manifest: Manifest, unit_model: Path) -> None:
+    pull(pod, store, FakeEngine(store))
+    handoff = RecordingHandoff(RepoCache(pod.hub_cache, REPO))
+    result = pull_from_store(pod, PullOptions(REPO), quiet(), reader=store, engine=FakeEngine(store),
+                             handoff=handoff)
+    assert result.source == "cache" and handoff.log == []
