@@ -177,7 +177,10 @@ def serve_overlapped(args: argparse.Namespace, settings: Settings, out: Output, 
     finally:
         probe.close()
     if report is None or report.get("stage") not in ("done", "first"):
-        return pulling.wait()  # it failed and said why in its one line
+        code = pulling.wait()
+        if report is None:  # it ended without a word (a crash, a kill): say so, in its place
+            out.error(f"error: the pull ended without a report (exit {code})", code or 1)
+        return code or 1  # else it failed and said why in its one line
     if report["stage"] == "done":  # complete already, or delivered whole (the Hub): vLLM's own loader
         pulling.wait()
         start_vllm(opts, vllm_args, vllm_bin, settings, out, commit=str(report.get("commit", "")),
