@@ -25,10 +25,11 @@ from agent.errors import (
     VerificationError,
     errno_in_text,
     error_for_errno,
+    untrusted_certificate,
 )
 from agent.policy import error_for_status
 from agent.redact import scrub_queries
-from agent.settings import Settings
+from agent.settings import Settings, Trust
 
 if TYPE_CHECKING:
     from agent._native import FetchError
@@ -58,13 +59,15 @@ class NativeEngine:
     records_digests = True
     resumes_in_parts = True
 
-    def __init__(self, progress_interval: float = PROGRESS_INTERVAL) -> None:
+    def __init__(self, progress_interval: float = PROGRESS_INTERVAL, *, trust: Trust | None = None) -> None:
         self.progress_interval = progress_interval
+        self.trust = trust or Trust()
         self.stats: FetchStats | None = None  # of the last fetch: bytes, retries, parts
 
     @classmethod
     def from_settings(cls, settings: Settings | None) -> NativeEngine:
-        return cls()  # presigned URLs carry all it needs
+        # presigned URLs carry all it needs but whom to trust
+        return cls(trust=settings.trust if settings is not None else None)
 
     @classmethod
     def available(cls) -> bool:
@@ -107,9 +110,11 @@ class NativeEngine:
                 min_rate=deadlines.min_rate,
                 rate_window=deadlines.rate_window,
                 stall_retries=retry.stall_retries,
+                ca_file=self.trust.ca_file,
+                ca_dir=self.trust.ca_dir,
             )
         except (native.FetchError, RuntimeError, ValueError, OverflowError) as exc:
-            raise translate(exc) from None
+            raise translate(exc, self.trust) from None
 
 
 def _news_handler(jobs: Sequence[BlobJob], hooks: TransferHooks) -> Callable[[News], None]:
@@ -151,7 +156,8 @@ def to_spec(job: BlobJob) -> JobSpec:
     }
 
 
-def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> AgentError:
+def translate(exc: FetchError | RuntimeError | ValueError | OverflowError,
+              trust: Trust | None = None) -> AgentError:
     """The extension's error as the agent's, with a documented exit code and a hint true for its cause;
     no query string in the text. Besides its FetchError family the extension raises RuntimeError when
     its runtime cannot start (out of open files or threads) and ValueError/OverflowError for arguments
@@ -161,6 +167,8 @@ def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> Ag
     message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
         return error_for_status(getattr(exc, "status", 0), "", message=message)
+    if isinstance(exc, _native.CertificateError):
+        return untrusted_certificate(message.split(" (GET ", 1)[0], message, (trust or Trust()).source)
     if isinstance(exc, _native.DigestMismatchError):
         return VerificationError(message)
     if isinstance(exc, _native.FileWriteError):
