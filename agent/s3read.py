@@ -106,6 +106,7 @@ class NativeReader:
         self.retry = RetryPolicy.from_deadlines(settings.deadlines)
         self.bucket = settings.bucket
         self.trust = settings.trust
+        self.endpoint = settings.require_storage()
         self.target = {"endpoint": settings.require_storage(), "region": settings.region,
                        "bucket": settings.bucket, "access_key": settings.access_key,
                        "secret_key": settings.secret_key}
@@ -167,7 +168,7 @@ class NativeReader:
             waits: list[float] = []
             for i, answer in zip(pending, answers, strict=True):
                 try:
-                    bodies[i] = _judge(answer, requests[i][1], self.trust.source)
+                    bodies[i] = _judge(answer, requests[i][1], self.trust.source, self.endpoint)
                 except _Retry as retry:
                     stalls[i] += retry.stalled
                     if stalls[i] > policy.stall_retries:
@@ -186,7 +187,7 @@ class NativeReader:
 
 
 def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: str,
-           trust_source: str = "the system store") -> bytes:
+           trust_source: str = "the system store", endpoint: str = "") -> bytes:
     """One answer of `get_small` as the body, an AgentError, or a retry."""
     status, etag, retry_after, body, error = answer
     if error == "too large":
@@ -194,7 +195,7 @@ def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: 
     if error is not None:
         kind, _, why = error.partition(": ")
         if kind == "untrusted":  # a person must give trust: no retry, no stall count
-            raise untrusted_certificate(what, why, trust_source)
+            raise untrusted_certificate(f"{what} at {endpoint}" if endpoint else what, why, trust_source)
         raise _Retry(StorageUnavailableError(f"{what}: {why[:200]}"), stalled=kind == "stalled")
     if status == 200:
         _check_etag(body, etag, what)

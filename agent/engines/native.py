@@ -11,6 +11,7 @@ extension: `available()` is then False and `auto` picks `python`.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports, signal checks and cancellation points
 # Failures of a socket or thread that come from the pod's own limits, whatever the engine was doing.
 _LOCAL_LIMITS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+_GET_URL = re.compile(r"\(GET ([^\s)]+)\)")  # the (redacted) URL the extension's messages end with
 
 
 def _extension() -> ModuleType | None:
@@ -167,8 +169,10 @@ def translate(exc: FetchError | RuntimeError | ValueError | OverflowError,
     message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
         return error_for_status(getattr(exc, "status", 0), "", message=message)
-    if isinstance(exc, _native.CertificateError):
-        return untrusted_certificate(message.split(" (GET ", 1)[0], message, (trust or Trust()).source)
+    if isinstance(exc, _native.CertificateError):  # named by the URL it refused (no query), not the part
+        url = _GET_URL.search(message)
+        where = url.group(1) if url else message.split(": bytes ", 1)[0]
+        return untrusted_certificate(where, message, (trust or Trust()).source)
     if isinstance(exc, _native.DigestMismatchError):
         return VerificationError(message)
     if isinstance(exc, _native.FileWriteError):
