@@ -5,6 +5,7 @@ from os import PathLike
 from typing import Required, TypedDict
 
 __all__ = [
+    "CertificateError",
     "DigestMismatchError",
     "FetchError",
     "FileWriteError",
@@ -63,6 +64,7 @@ class DigestMismatchError(FetchError):
     actual: str
 
 class TransferError(FetchError): ...
+class CertificateError(FetchError): ...
 
 class FileWriteError(FetchError):
     errno: int | None
@@ -96,6 +98,8 @@ def get_small(
     min_rate: float = 0.0,
     rate_window: float = 20.0,
     limit: int = 67108864,
+    ca_file: str | PathLike[str] | None = None,
+    ca_dir: str | PathLike[str] | None = None,
 ) -> list[tuple[int, str | None, str | None, bytes, str | None]]: ...
 def parse_list(body: str) -> tuple[list[tuple[str, int, str]], list[str], str | None]: ...
 def fetch(
@@ -113,4 +117,6 @@ def fetch(
     min_rate: float = 0.0,
     rate_window: float = 20.0,
     stall_retries: int | None = None,
+    ca_file: str | PathLike[str] | None = None,
+    ca_dir: str | PathLike[str] | None = None,
 ) -> _FetchStats: ...

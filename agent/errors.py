@@ -56,6 +56,39 @@ class CredentialsError(ConfigError):
     hint = "check MINIO_ACCESS_KEY and MINIO_SECRET_KEY"
 
 
+class UntrustedCertificateError(ConfigError):
+    """The endpoint's TLS certificate does not chain to a trusted CA, names another host, or is out of
+    date. Like a wrong secret key, a person must fix it: never retried, never a reason to use the Hub."""
+
+    hint = ("set AWS_CA_BUNDLE to the PEM file of the CA that signed the object storage's certificate; "
+            "it wins over SSL_CERT_FILE / SSL_CERT_DIR and the system store")
+
+
+# What each client says (rustls, OpenSSL through Python's ssl, Go's crypto/x509), as one phrase.
+_CERT_PROBLEMS = (
+    (re.compile(r"NotValidForName|Hostname mismatch|not valid for|IP SANs|certificate is valid for|"
+                r"doesn't match|does not match", re.I), "it was issued for another host name"),
+    (re.compile(r"Expired|NotValidYet|not yet valid", re.I), "it is expired or not yet valid"),
+    (re.compile(r"self[- ]signed", re.I), "it is self-signed and not trusted"),
+    (re.compile(r"UnknownIssuer|unknown authority|local issuer|unable to get issuer|issuer certificate",
+                re.I), "it is signed by a CA that is not trusted"),
+)
+_CERT_FAILURE = re.compile(r"invalid peer certificate|CERTIFICATE_VERIFY_FAILED|x509: |tls: failed to verify|"
+                           r"SSLCertVerificationError|certificate verify failed", re.I)
+
+
+def is_certificate_failure(text: str) -> bool:
+    """True when an error's text says the peer's certificate was refused (any of the three TLS stacks)."""
+    return bool(_CERT_FAILURE.search(text))
+
+
+def untrusted_certificate(where: str, detail: str, trust_source: str) -> UntrustedCertificateError:
+    """One line: which endpoint, what is wrong with its certificate, and what the agent trusted."""
+    problem = next((phrase for pattern, phrase in _CERT_PROBLEMS if pattern.search(detail)), "it was refused")
+    return UntrustedCertificateError(f"{where}: the server's TLS certificate is not trusted: {problem} "
+                                     f"(trusting {trust_source})")
+
+
 class UnsafePathError(AgentError, ValueError):
     """A key, path or revision from outside would escape the cache directory."""
 

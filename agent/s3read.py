@@ -19,7 +19,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
-from agent.errors import AgentError, ConfigError, CredentialsError, StorageUnavailableError
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    CredentialsError,
+    StorageUnavailableError,
+    untrusted_certificate,
+)
 from agent.policy import RetryPolicy, error_for_status, is_retryable, parse_retry_after
 from agent.settings import Settings
 
@@ -99,6 +105,8 @@ class NativeReader:
         self.deadlines = settings.deadlines
         self.retry = RetryPolicy.from_deadlines(settings.deadlines)
         self.bucket = settings.bucket
+        self.trust = settings.trust
+        self.endpoint = settings.require_storage()
         self.target = {"endpoint": settings.require_storage(), "region": settings.region,
                        "bucket": settings.bucket, "access_key": settings.access_key,
                        "secret_key": settings.secret_key}
@@ -154,12 +162,13 @@ class NativeReader:
         for attempt in range(policy.attempts):
             answers = self.native.get_small([requests[i][0] for i in pending], connect_timeout=d.connect,
                                             read_timeout=d.first_byte, min_rate=d.min_rate,
-                                            rate_window=d.rate_window, limit=limit)
+                                            rate_window=d.rate_window, limit=limit,
+                                            ca_file=self.trust.ca_file, ca_dir=self.trust.ca_dir)
             again: list[int] = []
             waits: list[float] = []
             for i, answer in zip(pending, answers, strict=True):
                 try:
-                    bodies[i] = _judge(answer, requests[i][1])
+                    bodies[i] = _judge(answer, requests[i][1], self.trust.source, self.endpoint)
                 except _Retry as retry:
                     stalls[i] += retry.stalled
                     if stalls[i] > policy.stall_retries:
@@ -177,13 +186,16 @@ class NativeReader:
         return [bodies[i] for i in range(len(requests))]
 
 
-def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: str) -> bytes:
+def _judge(answer: tuple[int, str | None, str | None, bytes, str | None], what: str,
+           trust_source: str = "the system store", endpoint: str = "") -> bytes:
     """One answer of `get_small` as the body, an AgentError, or a retry."""
     status, etag, retry_after, body, error = answer
     if error == "too large":
         raise ConfigError(f"{what}: too large for metadata")
     if error is not None:
         kind, _, why = error.partition(": ")
+        if kind == "untrusted":  # a person must give trust: no retry, no stall count
+            raise untrusted_certificate(f"{what} at {endpoint}" if endpoint else what, why, trust_source)
         raise _Retry(StorageUnavailableError(f"{what}: {why[:200]}"), stalled=kind == "stalled")
     if status == 200:
         _check_etag(body, etag, what)

@@ -1,7 +1,9 @@
 """Every environment variable the agent reads (README "Configuration"), read once into a frozen, checked
 object.
 
-Tests redirect everything by building `Settings.from_env({...})` with their own mapping. Read by the
+Tests redirect everything by building `Settings.from_env({...})` with their own mapping. The TLS trust
+(`AWS_CA_BUNDLE`, `SSL_CERT_FILE`, `SSL_CERT_DIR`) is resolved here once, into `Trust`, and every client
+is built from it, so no library reads those variables behind the agent's back. Read by the
 libraries, not here: the proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, through
 `urllib.request.getproxies` in agent/transport.py) and `PATH` (where `vllm` and `s5cmd` are found).
 """
@@ -9,12 +11,13 @@ libraries, not here: the proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROX
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, UntrustedCertificateError
 
 DEFAULT_BUCKET = "simswarm"
 MODELS_PREFIX = "models/hf-cache/"
@@ -98,6 +101,74 @@ class Deadlines:
         )
 
 
+# The trust variables, strongest first: AWS_CA_BUNDLE (boto3's and the AWS CLI's, what a MinIO operator
+# most likely set) wins; else OpenSSL's pair, as OpenSSL, Go and rustls read it; else the system store.
+TRUST_ENV = ("AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which certificate authorities an https endpoint's certificate must chain to: one rule for every
+    client (boto3, the urllib3 readers, the native engine, s5cmd), resolved once by `trust_from_env`.
+
+    `ca_file` (PEM, one or more CAs) and `ca_dir` (a folder of PEM files) replace the system store: only
+    they are trusted. Both None: the system store (the OpenSSL default file and folder). `source` names
+    where the trust came from, for the line an untrusted certificate prints."""
+
+    ca_file: Path | None = None
+    ca_dir: Path | None = None
+    source: str = "the system store"
+
+    @property
+    def is_system(self) -> bool:
+        return self.ca_file is None and self.ca_dir is None
+
+    def boto_verify(self) -> str | bool:
+        """botocore's `verify=`: a PEM file. Without one, the system store's file (botocore's own default
+        would be certifi's bundle, a different store from every other client's); True where the system
+        has none. A folder alone is given to botocore's sessions separately (`agent.store`)."""
+        if self.ca_file is not None:
+            return str(self.ca_file)
+        if self.ca_dir is None:
+            system = ssl.get_default_verify_paths().openssl_cafile
+            if system and os.path.isfile(system):
+                return system
+        return True
+
+    def check(self) -> None:
+        """A named file that is missing or holds no PEM certificate is a setting to fix (exit 2), found
+        before any request rather than as a failed handshake."""
+        if self.ca_file is not None:
+            try:
+                with open(self.ca_file, "rb") as handle:
+                    pem = handle.read(8 << 20)
+            except OSError as exc:
+                raise ConfigError(f"{self.source}: cannot read it ({exc.strerror or exc})",
+                                  hint=TRUST_HINT) from None
+            if PEM_CERTIFICATE not in pem:
+                raise ConfigError(f"{self.source}: no PEM certificate in it", hint=TRUST_HINT)
+        if self.ca_dir is not None and not self.ca_dir.is_dir():
+            raise ConfigError(f"{self.source}: not a folder", hint=TRUST_HINT)
+
+
+TRUST_HINT = UntrustedCertificateError.hint
+
+
+def trust_from_env(env: Mapping[str, str]) -> Trust:
+    """AWS_CA_BUNDLE alone when set; else SSL_CERT_FILE and SSL_CERT_DIR, together, whichever are set;
+    else the system store (README "Configuration", TLS)."""
+    bundle = _clean(env.get("AWS_CA_BUNDLE"))
+    if bundle is not None:
+        return Trust(Path(bundle), None, f"AWS_CA_BUNDLE={bundle}")
+    file, folder = _clean(env.get("SSL_CERT_FILE")), _clean(env.get("SSL_CERT_DIR"))
+    if file is None and folder is None:
+        return Trust()
+    pairs = (("SSL_CERT_FILE", file), ("SSL_CERT_DIR", folder))
+    named = [f"{name}={value}" for name, value in pairs if value]
+    return Trust(Path(file) if file else None, Path(folder) if folder else None, " and ".join(named))
+
+
 def normalize_endpoint(endpoint: str, secure: bool) -> str:
     """`host:port` (MinIO SDK style, scheme from MINIO_SECURE) or a full URL -> a base URL."""
     if "://" not in endpoint:
@@ -159,6 +230,7 @@ class Settings:
     hub_offline: str | None = None  # the variable that forbids the Hub (see `offline_from_env`), if any
     vllm_bin: str | None = None  # $SIMSWARM_VLLM_BIN: the vLLM executable `serve` runs
     overlap: bool = True  # $SIMSWARM_OVERLAP: `serve` starts vLLM while the weights arrive
+    trust: Trust = field(default_factory=Trust)  # the CAs an https endpoint must chain to
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -166,8 +238,12 @@ class Settings:
         secure = _is_true(env.get("MINIO_SECURE"))
         endpoint = _clean(env.get("MINIO_ENDPOINT"))
         proxy = _clean(env.get("MINIO_PROXY_BASE"))
+        endpoint_url = normalize_endpoint(endpoint, secure) if endpoint else None
+        trust = trust_from_env(env)
+        if endpoint_url is not None and endpoint_url.startswith("https://"):
+            trust.check()  # only where it will be used: a stale SSL_CERT_FILE cannot break a plain-http setup
         return cls(
-            endpoint_url=normalize_endpoint(endpoint, secure) if endpoint else None,
+            endpoint_url=endpoint_url,
             access_key=_clean(env.get("MINIO_ACCESS_KEY")),
             secret_key=_clean(env.get("MINIO_SECRET_KEY")),
             bucket=_clean(env.get("MINIO_BUCKET")) or DEFAULT_BUCKET,
@@ -181,6 +257,7 @@ class Settings:
             hub_offline=offline_from_env(env),
             vllm_bin=_clean(env.get(VLLM_BIN_ENV)),
             overlap=(_clean(env.get(OVERLAP_ENV)) or "true").lower() not in FALSE_VALUES,
+            trust=trust,
         )
 
     @property

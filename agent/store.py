@@ -22,12 +22,21 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import SSLError as BotoSSLError
 
-from agent.errors import AgentError, ConfigError, CredentialsError, NotFoundError, StorageUnavailableError
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    CredentialsError,
+    NotFoundError,
+    StorageUnavailableError,
+    is_certificate_failure,
+    untrusted_certificate,
+)
 from agent.policy import RetryPolicy, error_for_status
 from agent.redact import SIGNING_LOGGERS, RedactSignatures, redact_signing_logs, redact_url, scrub_queries
 from agent.s3read import ObjectInfo, require_credentials
-from agent.settings import Settings
+from agent.settings import Settings, Trust
 from agent.transport import DeadlineSender
 
 __all__ = ["SIGNING_LOGGERS", "ObjectInfo", "RedactSignatures", "Store", "redact_signing_logs", "redact_url",
@@ -64,15 +73,34 @@ def build_client(settings: Settings, *, max_pool: int = 16, retries: int | None 
         aws_secret_access_key=settings.secret_key,
         region_name=settings.region,
         config=config,
+        verify=settings.trust.boto_verify(),  # the agent's one rule of trust, not botocore's own search
     )
-    DeadlineSender.install(client, endpoint, settings.deadlines, maxsize=max_pool)
+    if settings.trust.ca_dir is not None:
+        _trust_folder(client._endpoint.http_session, settings.trust)  # type: ignore[attr-defined]
+    DeadlineSender.install(client, endpoint, settings.deadlines, maxsize=max_pool, trust=settings.trust)
     return client
 
 
-def translate(exc: Exception, what: str) -> AgentError:
+def _trust_folder(session: Any, trust: Trust) -> None:
+    """botocore's `verify=` names one PEM file; SSL_CERT_DIR's folder is set on each of its connection
+    pools beside it (what botocore's own sender sends: uploads), as urllib3 takes it (`ca_cert_dir`)."""
+    setup = session._setup_ssl_cert
+
+    def with_folder(conn: Any, url: str, verify: Any) -> None:
+        setup(conn, url, verify)
+        if url.lower().startswith("https"):
+            conn.ca_certs = str(trust.ca_file) if trust.ca_file is not None else None
+            conn.ca_cert_dir = str(trust.ca_dir)
+
+    session._setup_ssl_cert = with_folder
+
+
+def translate(exc: Exception, what: str, trust: Trust | None = None) -> AgentError:
     """Map a botocore failure to the agent's error with the right exit code; no secret in the text."""
     if isinstance(exc, AgentError):
         return exc
+    if isinstance(exc, BotoSSLError) and is_certificate_failure(str(exc)):
+        return untrusted_certificate(what, str(exc), (trust or Trust()).source)
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -95,11 +123,14 @@ class Store:
         self.bucket = settings.bucket
         self.client = client if client is not None else build_client(settings)
 
+    def _translate(self, exc: Exception, what: str) -> AgentError:
+        return translate(exc, what, self.settings.trust)
+
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
             return fn(**kwargs)
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, what) from None
+            raise self._translate(exc, what) from None
 
     def check_bucket(self) -> None:
         self._call(f"bucket {self.bucket!r}", self.client.head_bucket, Bucket=self.bucket)
@@ -112,7 +143,7 @@ class Store:
                 for item in page.get("Contents", []):
                     yield ObjectInfo(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"'))
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"listing {prefix!r}") from None
+            raise self._translate(exc, f"listing {prefix!r}") from None
 
     def list_prefixes(self, prefix: str) -> list[str]:
         """The immediate 'folders' under `prefix` (S3 common prefixes)."""
@@ -122,7 +153,7 @@ class Store:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
                 found.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"listing {prefix!r}") from None
+            raise self._translate(exc, f"listing {prefix!r}") from None
         return found
 
     def _head_object(self, key: str) -> Any:
@@ -130,12 +161,12 @@ class Store:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            err = translate(exc, key)
+            err = self._translate(exc, key)
             if isinstance(err, NotFoundError):
                 return None
             raise err from None
         except BotoCoreError as exc:
-            raise translate(exc, key) from None
+            raise self._translate(exc, key) from None
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size and ETag, or None when it does not exist."""
@@ -168,7 +199,7 @@ class Store:
                 return data
             except (BotoCoreError, OSError) as exc:
                 if BODY_RETRY.gives_up(attempt):
-                    raise translate(exc, key) from None
+                    raise self._translate(exc, key) from None
                 time.sleep(BODY_RETRY.delay(attempt))
         raise AssertionError("unreachable")
 
@@ -192,12 +223,12 @@ class Store:
             self.client.upload_file(str(path), self.bucket, key, Config=UPLOAD_CONFIG,
                                     ExtraArgs={"Metadata": metadata or {}}, Callback=callback)
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, key) from None
+            raise self._translate(exc, key) from None
         except Exception as exc:  # s3transfer wraps failures in its own types
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, (ClientError, BotoCoreError)):
-                raise translate(cause, key) from None
-            raise translate(exc, key) from None
+                raise self._translate(cause, key) from None
+            raise self._translate(exc, key) from None
 
     def presign(self, key: str, *, method: str = "get_object", expires: int = 3600) -> str:
         """A presigned URL. Its query string is a credential: never log it."""
@@ -205,6 +236,6 @@ class Store:
         try:
             url: str = self.client.generate_presigned_url(method, Params=params, ExpiresIn=expires)
         except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, key) from None
+            raise self._translate(exc, key) from None
         return url
 

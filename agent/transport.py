@@ -1,12 +1,16 @@
-"""The HTTP side the Python code shares: proxies from the environment, and the deadlines on every byte.
+"""The HTTP side the Python code shares: proxies from the environment, TLS trust, and the deadlines on
+every byte.
 
-Two jobs, used by the python engine's ranged GETs and by the metadata requests (listing, HEAD, ref,
+Three jobs, used by the python engine's ranged GETs and by the metadata requests (listing, HEAD, ref,
 manifest and sidecar GETs) that boto3 signs:
 
 - **Proxies.** `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY`, either case, read the way
   boto3 and requests read them (`urllib.request.getproxies`, `proxy_bypass`), so a pod can
   pull through a node-local caching proxy or Dragonfly's dfdaemon. Loopback is proxied like any host
   unless NO_PROXY lists it (as curl does; Go programs such as s5cmd never proxy loopback).
+- **Trust** (`agent.settings.Trust`). Every pool verifies an https server against the CAs the settings
+  resolved (`ca_certs` / `ca_cert_dir`, else the system store), and a certificate it refuses is the
+  agent's `UntrustedCertificateError` (exit 2), at once: retrying cannot make a certificate valid.
 - **Deadlines** (`agent.settings.Deadlines`). urllib3 bounds the connect and each socket read, but a
   server that sends one byte every few seconds restarts every read timeout; `Pace` adds the minimum
   rate over a window, checked after every chunk read with `read1` (which returns what one socket read
@@ -31,9 +35,11 @@ import urllib3
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse, HTTPHeaders
 from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError
 from botocore.exceptions import ReadTimeoutError as BotoReadTimeout
+from botocore.exceptions import SSLError as BotoSSLError
 
-from agent.errors import StorageUnavailableError
-from agent.settings import Deadlines
+from agent.errors import StorageUnavailableError, UntrustedCertificateError, is_certificate_failure
+from agent.errors import untrusted_certificate as _untrusted
+from agent.settings import Deadlines, Trust
 
 CHUNK = 1 << 20
 # What reads metadata (small bodies, held whole): every GET and HEAD the agent's boto3 client sends.
@@ -70,10 +76,38 @@ def timeout_for(connect: float, first_byte: float) -> urllib3.Timeout:
     return urllib3.Timeout(connect=min(connect, first_byte), read=first_byte)
 
 
-def pool_for(url: str, *, connect: float, first_byte: float, maxsize: int = 4) -> urllib3.PoolManager:
-    """A pool for requests to `url`'s server: direct, or through the environment's proxy."""
+def trust_kwargs(trust: Trust) -> dict[str, Any]:
+    """urllib3's verification arguments for `trust`; none for the system store (urllib3's default context
+    then loads OpenSSL's default paths)."""
+    kwargs: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}
+    if trust.ca_file is not None:
+        kwargs["ca_certs"] = str(trust.ca_file)
+    if trust.ca_dir is not None:
+        kwargs["ca_cert_dir"] = str(trust.ca_dir)
+    return kwargs
+
+
+def untrusted_certificate(exc: BaseException, where: str, trust: Trust) -> UntrustedCertificateError | None:
+    """The agent's error when `exc` (urllib3's, or a cause of it) is a refused server certificate, else
+    None. urllib3 (and botocore) raise SSLError for every handshake failure; only a failed verification
+    is the trust's."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # urllib3 wraps: MaxRetryError.reason, SSLError(SSLCertVerificationError)
+        if seen is None:
+            break
+        if isinstance(seen, (urllib3.exceptions.SSLError, urllib3.exceptions.MaxRetryError, BotoSSLError)) \
+                and is_certificate_failure(str(seen)):
+            return _untrusted(where, str(seen), trust.source)
+        seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+    return None
+
+
+def pool_for(url: str, *, connect: float, first_byte: float, maxsize: int = 4,
+             trust: Trust | None = None) -> urllib3.PoolManager:
+    """A pool for requests to `url`'s server: direct, or through the environment's proxy; an https
+    server's certificate is checked against `trust` (None: the system store)."""
     kwargs: dict[str, Any] = {"num_pools": 4, "maxsize": maxsize, "timeout": timeout_for(connect, first_byte),
-                              "retries": False}
+                              "retries": False, **trust_kwargs(trust or Trust())}
     proxy = proxy_for(url)
     if proxy is None:
         return urllib3.PoolManager(**kwargs)
@@ -136,16 +170,24 @@ class DeadlineSender:
     (exit 3), which botocore does not retry, so a server that never answers fails within the deadline
     instead of after every one of botocore's attempts. Any answer resets the count."""
 
-    def __init__(self, endpoint_url: str, deadlines: Deadlines, inner: Any, *, maxsize: int = 4) -> None:
+    def __init__(self, endpoint_url: str, deadlines: Deadlines, inner: Any, *, maxsize: int = 4,
+                 trust: Trust | None = None) -> None:
         self.deadlines = deadlines
+        self.trust = trust or Trust()
         self.inner = inner  # botocore's own session, for everything else
         self.pool = pool_for(endpoint_url, connect=deadlines.connect, first_byte=deadlines.first_byte,
-                             maxsize=maxsize)
+                             maxsize=maxsize, trust=self.trust)
         self.stalls = 0
 
     def send(self, request: AWSPreparedRequest) -> AWSResponse:
         if request.method not in METADATA_METHODS:
-            sent: AWSResponse = self.inner.send(request)
+            try:
+                sent: AWSResponse = self.inner.send(request)
+            except BotoSSLError as exc:  # botocore would retry it, with backoff, about a minute
+                untrusted = untrusted_certificate(exc, request.url.split("?", 1)[0], self.trust)
+                if untrusted is None:
+                    raise
+                raise untrusted from None
             return sent
         url = request.url
         try:
@@ -171,6 +213,9 @@ class DeadlineSender:
     def _failed(self, url: str, exc: Exception) -> Exception:
         """botocore's own error for `exc` (so its retry policy applies), or ours once stalls run out."""
         where = url.split("?", 1)[0]
+        untrusted = untrusted_certificate(exc, where, self.trust)
+        if untrusted is not None:  # not botocore's: it would retry a certificate that cannot get better
+            return untrusted
         if not is_stall(exc):
             self.stalls = 0
             return ConnectionClosedError(endpoint_url=where, error=exc)
@@ -190,10 +235,12 @@ class DeadlineSender:
         self.inner.close()
 
     @classmethod
-    def install(cls, client: Any, endpoint_url: str, deadlines: Deadlines, *, maxsize: int = 4) -> None:
+    def install(cls, client: Any, endpoint_url: str, deadlines: Deadlines, *, maxsize: int = 4,
+                trust: Trust | None = None) -> None:
         """Make this the client's HTTP session (botocore keeps it on the client's endpoint)."""
         endpoint = client._endpoint
-        endpoint.http_session = cls(endpoint_url, deadlines, endpoint.http_session, maxsize=maxsize)
+        endpoint.http_session = cls(endpoint_url, deadlines, endpoint.http_session, maxsize=maxsize,
+                                    trust=trust)
 
 
 def _why(exc: Exception) -> str:

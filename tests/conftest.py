@@ -31,6 +31,7 @@ from agent.store import Store  # noqa: E402
 from tests.support.fake_hub import FakeHub, read_tree  # noqa: E402
 from tests.support.hf_cache import build_hf_cache  # noqa: E402
 from tests.support.staged import bucket_manifest, quiet, stage  # noqa: E402
+from tests.support.tls import TlsEndpoint  # noqa: E402
 
 TINY_REPO_ID = "simswarm-test/tiny-llama"
 
@@ -121,3 +122,19 @@ def staged(settings: Settings, hf_cache: Path, model_repo: tuple[str, str]) -> t
     """The tiny model staged in this test's own bucket (default part size): (repo_id, commit)."""
     stage_from_cache(Store(settings), hf_cache, model_repo[0], "main", quiet())
     return model_repo
+
+
+@pytest.fixture(scope="session")
+def tls_endpoint(s3_server: SeaweedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEndpoint]:
+    """nginx terminating TLS in front of the session's SeaweedFS, with a certificate for 127.0.0.1 from a CA
+    made here (tests/support/tls.py); the client's Host passes through, as SigV4 signed it."""
+    from tests.support.nginx import NginxProxy, nginx_binary
+    from tests.support.tls import make_pki, openssl_available
+
+    if nginx_binary() is None or not openssl_available():
+        pytest.skip("nginx or openssl is not installed")
+    root = tmp_path_factory.mktemp("tls")
+    pki = make_pki(root / "pki")
+    with NginxProxy(root / "nginx", s3_server.endpoint_url, host_header=None,
+                    tls=(pki.certificate, pki.key)) as proxy:
+        yield TlsEndpoint(proxy.base_url, pki)

@@ -11,6 +11,7 @@ extension: `available()` is then False and `auto` picks `python`.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -25,10 +26,11 @@ from agent.errors import (
     VerificationError,
     errno_in_text,
     error_for_errno,
+    untrusted_certificate,
 )
 from agent.policy import error_for_status
 from agent.redact import scrub_queries
-from agent.settings import Settings
+from agent.settings import Settings, Trust
 
 if TYPE_CHECKING:
     from agent._native import FetchError
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 PROGRESS_INTERVAL = 0.1  # seconds between progress reports, signal checks and cancellation points
 # Failures of a socket or thread that come from the pod's own limits, whatever the engine was doing.
 _LOCAL_LIMITS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+_GET_URL = re.compile(r"\(GET ([^\s)]+)\)")  # the (redacted) URL the extension's messages end with
 
 
 def _extension() -> ModuleType | None:
@@ -58,13 +61,15 @@ class NativeEngine:
     records_digests = True
     resumes_in_parts = True
 
-    def __init__(self, progress_interval: float = PROGRESS_INTERVAL) -> None:
+    def __init__(self, progress_interval: float = PROGRESS_INTERVAL, *, trust: Trust | None = None) -> None:
         self.progress_interval = progress_interval
+        self.trust = trust or Trust()
         self.stats: FetchStats | None = None  # of the last fetch: bytes, retries, parts
 
     @classmethod
     def from_settings(cls, settings: Settings | None) -> NativeEngine:
-        return cls()  # presigned URLs carry all it needs
+        # presigned URLs carry all it needs but whom to trust
+        return cls(trust=settings.trust if settings is not None else None)
 
     @classmethod
     def available(cls) -> bool:
@@ -107,9 +112,11 @@ class NativeEngine:
                 min_rate=deadlines.min_rate,
                 rate_window=deadlines.rate_window,
                 stall_retries=retry.stall_retries,
+                ca_file=self.trust.ca_file,
+                ca_dir=self.trust.ca_dir,
             )
         except (native.FetchError, RuntimeError, ValueError, OverflowError) as exc:
-            raise translate(exc) from None
+            raise translate(exc, self.trust) from None
 
 
 def _news_handler(jobs: Sequence[BlobJob], hooks: TransferHooks) -> Callable[[News], None]:
@@ -151,7 +158,8 @@ def to_spec(job: BlobJob) -> JobSpec:
     }
 
 
-def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> AgentError:
+def translate(exc: FetchError | RuntimeError | ValueError | OverflowError,
+              trust: Trust | None = None) -> AgentError:
     """The extension's error as the agent's, with a documented exit code and a hint true for its cause;
     no query string in the text. Besides its FetchError family the extension raises RuntimeError when
     its runtime cannot start (out of open files or threads) and ValueError/OverflowError for arguments
@@ -161,6 +169,10 @@ def translate(exc: FetchError | RuntimeError | ValueError | OverflowError) -> Ag
     message = scrub_queries(str(exc), "")
     if isinstance(exc, _native.HttpStatusError):
         return error_for_status(getattr(exc, "status", 0), "", message=message)
+    if isinstance(exc, _native.CertificateError):  # named by the URL it refused (no query), not the part
+        url = _GET_URL.search(message)
+        where = url.group(1) if url else message.split(": bytes ", 1)[0]
+        return untrusted_certificate(where, message, (trust or Trust()).source)
     if isinstance(exc, _native.DigestMismatchError):
         return VerificationError(message)
     if isinstance(exc, _native.FileWriteError):

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import urllib3
 
@@ -36,8 +36,8 @@ from agent.errors import (
 )
 from agent.policy import error_for_status, is_retryable, parse_retry_after
 from agent.redact import scrub_queries
-from agent.settings import Settings
-from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for
+from agent.settings import Settings, Trust
+from agent.transport import Pace, TooSlow, is_stall, paced_chunks, pool_for, untrusted_certificate
 
 CHUNK = 1 << 20
 # Errors of the pod's own disk and limits, as opposed to a socket's (reset, refused, timed out).
@@ -64,6 +64,7 @@ class PartTask:
     size: int
     part: Part
     config: TransferConfig
+    trust: Trust = field(default_factory=Trust)
 
 
 def _init_worker() -> None:
@@ -71,11 +72,12 @@ def _init_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _pool(url: str, config: TransferConfig) -> urllib3.PoolManager:
+def _pool(url: str, config: TransferConfig, trust: Trust) -> urllib3.PoolManager:
     """One pool per worker (every URL of a pull names the same server), direct or via the env's proxy."""
     global _POOL
     if _POOL is None:
-        _POOL = pool_for(url, connect=config.deadlines.connect, first_byte=config.deadlines.first_byte)
+        _POOL = pool_for(url, connect=config.deadlines.connect, first_byte=config.deadlines.first_byte,
+                         trust=trust)
     return _POOL
 
 
@@ -121,7 +123,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
             raise _BadDigest("part digest mismatch")
         return
     end = part.offset + part.length - 1
-    response = _pool(task.url, task.config).request(
+    response = _pool(task.url, task.config, task.trust).request(
         "GET", task.url, headers={"Range": f"bytes={part.offset + written}-{end}"}, preload_content=False)
     reusable = False
     try:
@@ -163,6 +165,9 @@ def fetch_part(task: PartTask) -> int:
                 _stream_part(task, fd)
                 return attempt
             except (_Retryable, TooSlow, urllib3.exceptions.HTTPError, OSError) as exc:
+                untrusted = untrusted_certificate(exc, task.url.split("?", 1)[0], task.trust)
+                if untrusted is not None:  # a person must act: no retry makes the certificate valid
+                    raise untrusted from None
                 # no usable answer (nobody there, too slow, wrong bytes): only `stall_retries`; 503s and
                 # resets get more
                 stalls += is_stall(exc) or isinstance(exc, _BadDigest)
@@ -202,13 +207,15 @@ class PythonEngine:
     records_digests = False
     resumes_in_parts = True  # a part's kept bytes are kept; progress inside a part is not reported
 
-    def __init__(self, processes: int | None = None) -> None:
+    def __init__(self, processes: int | None = None, *, trust: Trust | None = None) -> None:
         self.processes = processes
+        self.trust = trust or Trust()
         self.retries = 0
 
     @classmethod
     def from_settings(cls, settings: Settings | None) -> PythonEngine:
-        return cls()  # presigned URLs carry all it needs
+        # presigned URLs carry all it needs but whom to trust
+        return cls(trust=settings.trust if settings is not None else None)
 
     @classmethod
     def available(cls) -> bool:
@@ -243,7 +250,7 @@ class PythonEngine:
              progress: ProgressFn, on_part_done: PartDoneFn) -> None:
         pending: dict[Future[int], tuple[BlobJob, Part]] = {}
         for job, part in tasks:
-            task = PartTask(job.url, str(job.temp_path), job.size, part, config)
+            task = PartTask(job.url, str(job.temp_path), job.size, part, config, self.trust)
             pending[executor.submit(fetch_part, task)] = (job, part)
         while pending:
             done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)

@@ -35,6 +35,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    CertificateError,
+    FetchError,
+    "The server's TLS certificate was refused (not signed by a trusted CA, another host's, out of date): never retried."
+);
+create_exception!(
+    _native,
     FileWriteError,
     FetchError,
     "The local file could not be opened or written; `.errno` holds the OS error number (or None)."
@@ -49,6 +55,7 @@ pub fn add_exceptions(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type_bound::<DigestMismatchError>(),
     )?;
     m.add("TransferError", py.get_type_bound::<TransferError>())?;
+    m.add("CertificateError", py.get_type_bound::<CertificateError>())?;
     m.add("FileWriteError", py.get_type_bound::<FileWriteError>())?;
     Ok(())
 }
@@ -66,6 +73,8 @@ pub enum Cause {
     /// No usable answer: the connection failed or timed out, no response head in time, a silence, or
     /// a body below the minimum rate. These get `stall_retries`, not `max_retries`.
     Unanswered(String),
+    /// The server's TLS certificate was refused: a setting to fix, not retried.
+    Untrusted(String),
     File(std::io::Error),
 }
 
@@ -84,6 +93,7 @@ impl fmt::Display for Cause {
                 )
             }
             Cause::Transport(text) | Cause::Unanswered(text) => f.write_str(text),
+            Cause::Untrusted(text) => write!(f, "TLS certificate refused: {text}"),
             Cause::File(err) => write!(f, "local write failed: {err}"),
         }
     }
@@ -109,6 +119,7 @@ impl Failure {
             Cause::Status(_) => HttpStatusError::new_err(message),
             Cause::Digest { .. } => DigestMismatchError::new_err(message),
             Cause::Transport(_) | Cause::Unanswered(_) => TransferError::new_err(message),
+            Cause::Untrusted(_) => CertificateError::new_err(message),
             Cause::File(_) => FileWriteError::new_err(message),
         };
         // Attributes are best effort: a failure here must not hide the transfer error itself.
@@ -150,7 +161,7 @@ impl Failure {
                 value.setattr("actual", actual)
             }
             Cause::File(err) => value.setattr("errno", err.raw_os_error()),
-            Cause::Transport(_) | Cause::Unanswered(_) => Ok(()),
+            Cause::Transport(_) | Cause::Unanswered(_) | Cause::Untrusted(_) => Ok(()),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 // pyo3 0.22's `#[pyfunction]` expansion trips `useless_conversion` on the PyResult return type.
 #![allow(clippy::useless_conversion)]
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,13 +43,15 @@ use crate::transfer::{self, Shared, Totals};
 /// up to `backoff_max`), otherwise after a full-jitter backoff; other statuses fail at once.
 /// A body averaging under `min_rate` bytes/s over any `rate_window` seconds is dropped and retried, as
 /// is a silence of `read_timeout`; such stalls get `stall_retries` retries (default: `max_retries`).
-/// `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` are honoured as curl reads them.
+/// `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` are honoured as curl reads them. An https
+/// server's certificate must chain to `ca_file` / `ca_dir` (neither: the system store); one that does
+/// not fails the fetch at once with `CertificateError`.
 #[pyfunction]
 #[pyo3(signature = (
     jobs, *, concurrency = 8, connect_timeout = 5.0, read_timeout = 30.0,
     max_retries = policy::MAX_RETRIES, backoff_base = policy::BACKOFF_BASE,
     backoff_max = policy::BACKOFF_CAP, progress = None, progress_interval = 0.1, report = None,
-    min_rate = 0.0, rate_window = 20.0, stall_retries = None,
+    min_rate = 0.0, rate_window = 20.0, stall_retries = None, ca_file = None, ca_dir = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn fetch(
@@ -66,6 +69,8 @@ pub fn fetch(
     min_rate: f64,
     rate_window: f64,
     stall_retries: Option<u32>,
+    ca_file: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
 ) -> PyResult<Py<PyDict>> {
     let options = Options::new(
         concurrency,
@@ -76,7 +81,8 @@ pub fn fetch(
         backoff_max,
         progress_interval,
     )?
-    .with_deadlines(min_rate, rate_window, stall_retries.unwrap_or(max_retries))?;
+    .with_deadlines(min_rate, rate_window, stall_retries.unwrap_or(max_retries))?
+    .with_trust(ca_file, ca_dir);
     let jobs = jobs
         .into_iter()
         .map(JobArg::into_job)

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::task::block_in_place;
 use tokio::time::{sleep, timeout};
 
-use crate::client::range_request;
+use crate::client::{range_request, untrusted};
 use crate::deadline::{is_unreachable, Pace, Stalls};
 use crate::digest::{PartAlgorithm, PartHasher};
 use crate::error::{Attempt, Cause, Failure};
@@ -411,8 +411,12 @@ fn stalled(text: String) -> Attempt {
     Attempt::retry(Cause::Unanswered(text))
 }
 
-/// A request that failed before its head: a failed or timed-out connect counts as no answer.
+/// A request that failed before its head: a refused certificate is fatal (no retry makes it valid), a
+/// failed or timed-out connect counts as no answer.
 fn network(err: &hyper_util::client::legacy::Error) -> Attempt {
+    if let Some(why) = untrusted(err) {
+        return Attempt::Fatal(Cause::Untrusted(why));
+    }
     match is_unreachable(err) {
         true => stalled(describe(err)),
         false => transport(describe(err)),

@@ -3,6 +3,7 @@
 //! and a sidecar cost one round trip together.
 // pyo3 0.22's `#[pyfunction]` expansion trips `useless_conversion` on the PyResult return type.
 #![allow(clippy::useless_conversion)]
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use pyo3::types::PyBytes;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::client::{self, HttpClient};
+use crate::client::{self, untrusted, HttpClient};
 use crate::deadline::{is_unreachable, Pace};
 use crate::error::redact;
 use crate::part::describe;
@@ -27,17 +28,20 @@ const TOO_LARGE: &str = "too large";
 /// One answer: `(status, etag, retry_after, body, error)`; `status` 0 and `error` set when no usable
 /// answer came. `error` starts with `stalled:` when the server did not answer in time, was out of reach,
 /// or sent its body below the minimum rate (retried `stall_retries` times by the caller), with
-/// `failed:` for a broken connection or body (retried like a 503), and is `too large` over `limit`.
+/// `failed:` for a broken connection or body (retried like a 503), with `untrusted:` when the server's
+/// TLS certificate was refused (never retried), and is `too large` over `limit`.
 type Answer = (u16, Option<String>, Option<String>, Vec<u8>, Option<String>);
 
 /// GET every URL at once, with the same deadlines as a ranged GET (connect, first byte, silence,
 /// minimum rate over a window); answers in the order of `urls`. Signals are checked every 0.1 s, so
-/// SIGTERM stops a pull waiting on a silent server.
+/// SIGTERM stops a pull waiting on a silent server. `ca_file` / `ca_dir`: the CAs an https server must
+/// chain to (neither: the system store).
 #[pyfunction]
 #[pyo3(signature = (
     urls, *, connect_timeout = 5.0, read_timeout = 30.0, min_rate = 0.0, rate_window = 20.0,
-    limit = 67108864,
+    limit = 67108864, ca_file = None, ca_dir = None,
 ))]
+#[allow(clippy::too_many_arguments)]
 pub fn get_small(
     py: Python<'_>,
     urls: Vec<String>,
@@ -46,6 +50,8 @@ pub fn get_small(
     min_rate: f64,
     rate_window: f64,
     limit: usize,
+    ca_file: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
 ) -> PyResult<Vec<PyObject>> {
     let options = Options::new(
         urls.len().max(1),
@@ -56,7 +62,8 @@ pub fn get_small(
         0.0,
         0.1,
     )?
-    .with_deadlines(min_rate, rate_window, 0)?;
+    .with_deadlines(min_rate, rate_window, 0)?
+    .with_trust(ca_file, ca_dir);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -116,14 +123,19 @@ async fn get_one(client: &HttpClient, url: &str, options: &Options, limit: usize
             );
             return failed("stalled", &why);
         }
-        Ok(Err(e)) if is_unreachable(&e) => {
-            let why = format!(
-                "cannot connect to the object storage endpoint ({})",
-                describe(&e)
-            );
-            return failed("stalled", &why);
+        Ok(Err(e)) => {
+            if let Some(why) = untrusted(&e) {
+                return failed("untrusted", &format!("TLS certificate refused: {why}"));
+            }
+            if is_unreachable(&e) {
+                let why = format!(
+                    "cannot connect to the object storage endpoint ({})",
+                    describe(&e)
+                );
+                return failed("stalled", &why);
+            }
+            return failed("failed", &describe(&e));
         }
-        Ok(Err(e)) => return failed("failed", &describe(&e)),
         Ok(Ok(response)) => response,
     };
     let (head, mut body) = response.into_parts();

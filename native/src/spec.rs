@@ -9,6 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::client::Trust;
 use crate::digest::PartAlgorithm;
 use crate::error::redact_url;
 use crate::whole::{Algorithm, WholeSpec};
@@ -100,6 +101,8 @@ pub struct Options {
     pub rate_window: Duration,
     /// Retries of a part whose attempts timed out or ran below the minimum rate.
     pub stall_retries: u32,
+    /// Which CAs an https server's certificate must chain to.
+    pub trust: Trust,
 }
 
 impl Options {
@@ -127,7 +130,14 @@ impl Options {
             min_rate: 0.0,
             rate_window: Duration::from_secs(20),
             stall_retries: max_retries,
+            trust: Trust::default(),
         })
+    }
+
+    /// The CA file and folder Python resolved (`agent.settings.Trust`); neither: the system store.
+    pub fn with_trust(mut self, ca_file: Option<PathBuf>, ca_dir: Option<PathBuf>) -> Self {
+        self.trust = Trust { ca_file, ca_dir };
+        self
     }
 
     /// The minimum-rate rule and the retries left to a part that keeps timing out.

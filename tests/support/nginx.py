@@ -7,6 +7,9 @@ The configuration is the one `agent.artifacts` documents for presigned download 
 internal endpoint, forward with `proxy_set_header Host <the signed host>` and the request URI unchanged.
 `host_header=None` renders the other common setup (`Host $http_host`, pass the client's Host through),
 which must make those URLs fail: the tests use it to show the Host handling is what makes them verify.
+
+`tls=(certificate, key)` makes nginx terminate TLS on its port (`listen ... ssl`), as an ingress or a
+MinIO with its own certificate would: the tests' https endpoint (tests/support/tls.py makes the CA).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def free_port() -> int:
         return port
 
 
-def render_config(root: Path, port: int, upstream: str, *, host_header: str | None, prefix: str = "") -> str:
+def render_config(root: Path, port: int, upstream: str, *, host_header: str | None, prefix: str = "",
+                  tls: tuple[Path, Path] | None = None) -> str:
     """nginx.conf proxying http://127.0.0.1:<port><prefix>/... to `upstream` (`http://host:port`).
 
     With a prefix the remainder of the *raw* request URI is forwarded (a `map` over $request_uri), so a
@@ -59,6 +63,10 @@ def render_config(root: Path, port: int, upstream: str, *, host_header: str | No
     else:
         uri_map, location, target = "", "/", upstream  # no URI part: the request URI passes unchanged
     tmp = root / "tmp"
+    listen, certificate = f"{HOST}:{port}", ""
+    if tls is not None:
+        listen += " ssl"
+        certificate = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
     return f"""
 daemon off;
 worker_processes 1;
@@ -77,7 +85,8 @@ http {{
     scgi_temp_path {tmp}/scgi;
     {uri_map}
     server {{
-        listen {HOST}:{port};
+        listen {listen};
+        {certificate}
         client_max_body_size 0;        # artifacts can be large: no 413 on presigned PUTs
         proxy_request_buffering off;   # stream request bodies straight to the S3 server
         proxy_buffering off;
@@ -95,20 +104,22 @@ class NginxProxy:
     """One nginx master (and worker) proxying to `upstream`; use as a context manager."""
 
     def __init__(self, root: Path, upstream: str, *, host_header: str | None, prefix: str = "",
-                 binary: str | None = None, startup_timeout: float = 10.0) -> None:
+                 binary: str | None = None, startup_timeout: float = 10.0,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.root = root
         self.upstream = upstream.rstrip("/")
         self.host_header = host_header
         self.prefix = ("/" + prefix.strip("/")) if prefix.strip("/") else ""
         self.binary = binary or nginx_binary()
         self.startup_timeout = startup_timeout
+        self.tls = tls
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
         """The public base URL, as MINIO_PROXY_BASE would name it."""
-        return f"http://{HOST}:{self.port}{self.prefix}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}{self.prefix}"
 
     @property
     def conf_path(self) -> Path:
@@ -128,7 +139,8 @@ class NginxProxy:
         for attempt in range(1, START_ATTEMPTS + 1):
             self.port = free_port()
             self.conf_path.write_text(render_config(self.root, self.port, self.upstream,
-                                                    host_header=self.host_header, prefix=self.prefix))
+                                                    host_header=self.host_header, prefix=self.prefix,
+                                                    tls=self.tls))
             command = [self.binary, "-c", str(self.conf_path), "-p", str(self.root),
                        "-e", str(self.root / "error.log")]
             self._proc = subprocess.Popen(

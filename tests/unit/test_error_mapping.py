@@ -12,6 +12,7 @@ import importlib
 import inspect
 import pkgutil
 import re
+import ssl
 import string
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -38,12 +39,14 @@ from agent.errors import (
     ReadOnlyError,
     ResourceLimitError,
     StorageUnavailableError,
+    UntrustedCertificateError,
     as_agent_error,
 )
 from agent.policy import RetryPolicy, error_for_status, is_retryable
-from agent.settings import Settings
+from agent.settings import Settings, Trust
 from agent.store import Store
 from agent.store import translate as store_translate
+from agent.transport import untrusted_certificate
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE,
@@ -107,7 +110,7 @@ def native_cases() -> Iterator[tuple[str, Exception]]:
     plus the builtins it raises (RuntimeError: its runtime cannot start; ValueError/OverflowError)."""
     exported = {getattr(native, n) for n in dir(native) if inspect.isclass(getattr(native, n))}
     family = set(subclasses(native.FetchError))
-    assert family <= exported and len(family) == 5, family  # a new type must be added to the cases below
+    assert family <= exported and len(family) == 6, family  # a new type must be added to the cases below
     attrs: dict[type, list[dict[str, Any]]] = {
         native.HttpStatusError: [{"status": s} for s in (400, 403, 404, 416, 429, 500, 503)],
         native.FileWriteError: [{"errno": e} for e in ERRNOS],
@@ -120,6 +123,8 @@ def native_cases() -> Iterator[tuple[str, Exception]]:
                 setattr(exc, name, value)
             yield f"{cls.__name__}{extra}", exc
     yield "TransferError reset", native.TransferError(NATIVE_MESSAGE.format("connection reset by peer"))
+    yield "CertificateError", native.CertificateError(NATIVE_MESSAGE.format(
+        "TLS certificate refused: invalid peer certificate: UnknownIssuer"))
     yield "RuntimeError EMFILE", RuntimeError(f"{RUNTIME}: Too many open files (os error 24)")
     yield "RuntimeError EAGAIN", RuntimeError(f"{RUNTIME}: Resource temporarily unavailable")
     yield "ValueError", ValueError("/c/x: not a valid URL: http://h/b/k")
@@ -145,6 +150,25 @@ def test_native_errors_have_true_hints() -> None:
     readonly.errno = errno.EROFS
     assert isinstance(native_translate(readonly), ReadOnlyError)
     assert isinstance(native_translate(ValueError("bad")), InternalError)
+    refused = native_translate(native.CertificateError(NATIVE_MESSAGE.format(
+        "TLS certificate refused: invalid peer certificate: UnknownIssuer")))
+    assert isinstance(refused, UntrustedCertificateError) and refused.exit_code == 2
+    assert "signed by a CA that is not trusted" in str(refused) and "AWS_CA_BUNDLE" in refused.hint
+
+
+def test_a_refused_certificate_is_a_configuration_error_in_every_client(tmp_path: Path) -> None:
+    """Each TLS stack's words for a refused certificate: exit 2, the problem named, never a stall."""
+    verify = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                             "Hostname mismatch, certificate is not valid for 'localhost'.")
+    urllib3_error = urllib3.exceptions.SSLError(verify)
+    found = untrusted_certificate(urllib3_error, "https://h/b/k", Trust())
+    assert found is not None and "another host name" in str(found) and "the system store" in str(found)
+    assert untrusted_certificate(urllib3.exceptions.SSLError("wrong version number"), "h", Trust()) is None
+    go = ('ERROR "cp s3://b/k /c/x": RequestError: send request failed caused by: Get "https://h/b/k": '
+          "tls: failed to verify certificate: x509: certificate signed by unknown authority")
+    assert isinstance(classify([go], 1, 1, 2, ["secret"]), UntrustedCertificateError)
+    boto = botocore.exceptions.SSLError(endpoint_url="https://h", error=verify)
+    assert isinstance(store_translate(boto, "k"), UntrustedCertificateError)
 
 
 # -- the python engine -------------------------------------------------------------------------------------

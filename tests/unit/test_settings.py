@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError
-from agent.settings import Settings, normalize_endpoint
+from agent.settings import Settings, Trust, normalize_endpoint
 
 
 def test_minio_sdk_style_endpoint_takes_scheme_from_secure() -> None:
@@ -91,3 +91,30 @@ def test_no_child_process_keeps_the_storage_secrets() -> None:
 def test_require_storage_explains_itself() -> None:
     with pytest.raises(ConfigError, match="MINIO_ENDPOINT"):
         Settings.from_env({}).require_storage()
+
+
+def test_trust_follows_one_rule() -> None:
+    """AWS_CA_BUNDLE alone when set; else SSL_CERT_FILE with SSL_CERT_DIR; else the system store."""
+    from agent.settings import trust_from_env
+
+    both = {"AWS_CA_BUNDLE": "/a.pem", "SSL_CERT_FILE": "/f.pem", "SSL_CERT_DIR": "/d"}
+    assert trust_from_env(both) == Trust(Path("/a.pem"), None, "AWS_CA_BUNDLE=/a.pem")
+    pair = trust_from_env({"SSL_CERT_FILE": "/f.pem", "SSL_CERT_DIR": "/d"})
+    assert (pair.ca_file, pair.ca_dir, pair.source) == (Path("/f.pem"), Path("/d"),
+                                                         "SSL_CERT_FILE=/f.pem and SSL_CERT_DIR=/d")
+    assert trust_from_env({"SSL_CERT_DIR": "/d"}).ca_file is None
+    assert trust_from_env({"AWS_CA_BUNDLE": " "}).is_system
+    assert trust_from_env({}).source == "the system store"
+    assert trust_from_env({"AWS_CA_BUNDLE": "/a.pem"}).boto_verify() == "/a.pem"
+
+
+def test_a_named_ca_file_is_checked_only_for_an_https_endpoint(tmp_path: Path) -> None:
+    missing = {"AWS_CA_BUNDLE": str(tmp_path / "none.pem"), "MINIO_ENDPOINT": "minio:9000"}
+    assert Settings.from_env(missing).trust.ca_file == tmp_path / "none.pem"  # plain http: not used
+    with pytest.raises(ConfigError, match="cannot read it"):
+        Settings.from_env({**missing, "MINIO_SECURE": "true"})
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="no PEM certificate"):
+        Settings.from_env({"SSL_CERT_FILE": str(tmp_path / "key.pem"), "MINIO_ENDPOINT": "https://m:9000"})
+    with pytest.raises(ConfigError, match="not a folder"):
+        Settings.from_env({"SSL_CERT_DIR": str(tmp_path / "nope"), "MINIO_ENDPOINT": "https://m:9000"})
