@@ -50,6 +50,7 @@ FaultKind = Literal[
     "stall_head",    # wait `stall_seconds` before answering at all, then answer normally
     "trickle",       # send the headers, then the body one byte every `stall_seconds` (a dying link)
     "flip",          # flip every bit of the body's middle byte (same length, wrong bytes)
+    "halve",         # send the first half of the body with a Content-Length saying so: well framed, cut short
     "slowdown",      # answer 503 SlowDown with Retry-After: 1, without asking the upstream
     "error500",      # answer 500 InternalError, without asking the upstream
     "range_as_200",  # a ranged answer sent as 200, keeping its Content-Range (as rclone serve s3 does)
@@ -383,6 +384,8 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if kind == "flip" and body:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+        if kind == "halve":
+            body = body[:len(body) // 2]  # the client can only tell by what the bytes say
         if record is not None:
             cut = kind in ("reset", "truncate")
             size = 0 if self.command == "HEAD" else len(body)
