@@ -44,7 +44,10 @@ from agent.settings import Deadlines, Settings
 class Part:
     """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known, and
     `blake3` their BLAKE3 (an engine checks whichever it can; both are bound to the blob alike);
-    `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any)."""
+    `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any).
+    `lead` and `trail`: bytes of the object just before and after the part that its request asks for
+    too and the engine discards: a repair's reads of one part then differ in shape (see agent.fetch).
+    Such a part is fetched with a request of its own."""
 
     index: int
     offset: int
@@ -52,6 +55,8 @@ class Part:
     sha256: str | None = None
     kept: int = 0
     blake3: str | None = None
+    lead: int = 0
+    trail: int = 0
 
 
 @dataclass(frozen=True)

@@ -350,6 +350,39 @@ def test_a_legacy_blob_whose_reads_are_flipped_one_in_four_is_repaired_by_agreei
     assert_valid(settings, manifest)
 
 
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_part_read_through_a_window_asks_for_it_and_writes_only_the_part(
+        engine: str, s3_server: SeaweedServer, settings: Settings, tmp_path: Path) -> None:
+    """Each windowed part is a request of its own (adjacent ones too, which the native engine would
+    otherwise fetch together) for the window's bytes; only the part's own bytes are written."""
+    if engine == "native":
+        native_or_skip()
+    from agent.engines import pick_engine
+    from agent.engines.base import BlobJob, Part, TransferConfig
+
+    store, size, piece = Store(settings), 8 * 8192, 8192
+    data = os.urandom(size)
+    store.put_bytes("windows/blob", data)
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        url = proxy.url_for(store.presign("windows/blob"))
+        for every in (1, 2):  # every part; then every other, its windows reaching into the others
+            parts = tuple(Part(i, i * piece, piece, lead=0 if i == 0 else 100 + i, trail=0 if i == 7 else 200)
+                          for i in range(0, 8, every))
+            path = tmp_path / f"blob-{every}"
+            path.write_bytes(b"\xaa" * size)
+            job = BlobJob("blob", "windows/blob", url, size, path, parts)
+            pick_engine(engine).fetch([job], TransferConfig(concurrency=1), lambda _n: None,
+                                      lambda _j, _p: None)
+            written = path.read_bytes()
+            for i in range(8):
+                want = data if i % every == 0 else b"\xaa" * size
+                assert written[i * piece:(i + 1) * piece] == want[i * piece:(i + 1) * piece], (every, i)
+            asked = sorted(r.range or "" for r in proxy.requests("GET"))
+            assert asked == sorted(f"bytes={p.offset - p.lead}-{p.offset + p.length + p.trail - 1}"
+                                   for p in parts)
+            proxy.clear()
+
+
 def test_a_legacy_object_corrupt_in_the_bucket_ends_in_exit_4_after_reads_agree(
         settings: Settings, local_cache: tuple[Path, str]) -> None:
     native_or_skip()
