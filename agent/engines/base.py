@@ -22,7 +22,8 @@ What engines differ in is said by their class attributes, so the orchestration a
 - `hashes_blobs`: the engine computes a job's `whole` digest itself, in the stream, and reports the
   verdict through `TransferHooks.on_verdict` (native); otherwise the orchestration hashes the blob;
 - `records_digests`: with `job.record`, the sha256 of every part fetched is reported through
-  `TransferHooks.on_digest` (native), which repair by agreeing reads needs;
+  `TransferHooks.on_digest` (native); repair by agreeing reads does not need it (it hashes the bytes
+  each read left on disk, whichever engine wrote them);
 - `resumes_in_parts`: a partial part's `kept` bytes are kept rather than fetched again, and progress
   within a part is reported through `TransferHooks.on_written` (native, python).
 """
