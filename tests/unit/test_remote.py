@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.cache import RepoCache
 from agent.errors import ManifestError, NotFoundError, UnsafePathError, VerificationError
 from agent.manifest import Manifest
 from agent.remote import RemoteRepo, staged_models
 from agent.s3read import ObjectInfo
 from agent.settings import MODELS_PREFIX
 from agent.stage import stage_from_cache
+from agent.subset import IndexReader
 from tests.support.fake_store import FakeStore
 from tests.support.staged import copy_legacy, quiet
 from tests.unit.conftest import COMMIT, REPO, UNIT_PART
@@ -170,6 +172,17 @@ def test_a_metadata_object_cut_short_on_every_read_ends_in_its_error_after_the_r
     with pytest.raises(ManifestError):
         RemoteRepo(store, REPO).load("main")
     assert next(served) == store.body_retry.attempts + 1  # the first read and every retry, no more
+
+
+def test_an_index_file_cut_short_once_is_read_again(store: FakeStore, tmp_path: Path) -> None:
+    """The small files the file selection reads (config, index) are checked against the manifest: a
+    body that does not match is read again, as a broken one."""
+    snap = RemoteRepo(store, REPO).load("main")
+    key = snap.sources[snap.manifest.files["tokenizer.json"].blob_name]
+    store.reads.clear()
+    store.cut_reads[key] = 1
+    data = IndexReader(store, RepoCache(tmp_path, REPO), snap)("tokenizer.json")
+    assert data == store.objects[key] and store.reads.count(key) == 2
 
 
 def test_an_object_whose_size_differs_from_the_manifest_is_refused_before_any_transfer(
