@@ -197,7 +197,7 @@ def test_a_listing_cut_short_on_every_read_ends_in_its_own_error(
         proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
         model_repo: tuple[str, str], tmp_path: Path) -> None:
     """Retries that never get a whole listing end as before: exit 3, not a ListObjectsV2 response."""
-    settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home", SIMSWARM_RETRIES="2")
+    settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")
     proxy.add_fault("halve", count=10_000, match=METADATA["listing"](staged_bucket))  # type: ignore[arg-type]
     with pytest.raises(AgentError) as info:
         pull(settings, model_repo[0], "auto")
