@@ -24,8 +24,9 @@ __all__ = [
 # The shapes `fetch` takes and returns (plain dicts at runtime; these names exist only for type checking).
 
 class _JobSpec(TypedDict, total=False):
-    """One blob: `parts` holds (index, offset, length, digest hex or None[, kept bytes]); `index` is
-    echoed back. `part_digest` names the parts' digest, "sha256" (default) or "blake3". `whole` is
+    """One blob: `parts` holds (index, offset, length, digest hex or None[, kept bytes[, lead, trail]]);
+    `index` is echoed back; `lead` / `trail` bytes around a part are requested with it and discarded.
+    `part_digest` names the parts' digest, "sha256" (default) or "blake3". `whole` is
     ("sha256" | "git-sha1", hex) the blob must hash to; `record` asks for the sha256 of each part fetched
     without a digest of its own."""
 
@@ -33,7 +34,8 @@ class _JobSpec(TypedDict, total=False):
     headers: Required[Mapping[str, str] | None]
     path: Required[str | PathLike[str]]
     size: Required[int]
-    parts: Required[Sequence[tuple[int, int, int, str | None] | tuple[int, int, int, str | None, int]]]
+    parts: Required[Sequence[tuple[int, int, int, str | None] | tuple[int, int, int, str | None, int]
+                             | tuple[int, int, int, str | None, int, int, int]]]
     part_digest: str
     whole: tuple[str, str] | None
     record: bool

@@ -246,7 +246,8 @@ class RepoCache:
             return False
 
     def forget_verified(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # A file where the stamps' folder belongs holds no stamp (the clean-up removes it): nothing to forget.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.stamp_path(name).unlink()
 
     # -- reading -------------------------------------------------------------------------------

@@ -8,14 +8,19 @@ download it from, so a blob shared by several paths is fetched once.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.cache import BLOB_RE, check_repo_id, check_revision, is_commit, repo_folder_name, safe_relpath
 from agent.errors import ManifestError, NotFoundError, UnsafePathError, UsageError, VerificationError
 from agent.manifest import Manifest, Sidecar, derive_legacy, parse_manifest, parse_sidecar
-from agent.s3read import ObjectInfo, ObjectReader
+from agent.s3read import ObjectInfo, ObjectReader, parsed_or_read_again
 from agent.settings import MODELS_PREFIX
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,20 @@ class RemoteRepo:
             keys = {only: keys[only]} if only in keys else {}
         found = {}
         for key, data in self.store.get_many(keys.values()).items():
-            text = data[:1024].decode("utf-8", "replace").strip()
             name = key[len(self.prefix) + 5:]
-            if not is_commit(text):
-                raise ManifestError(f"ref {name!r} of {self.repo_id} does not hold a 40-hex commit")
-            found[name] = text
+            found[name] = self.parsed(key, data, functools.partial(self._commit_of, name))
         return found
+
+    def _commit_of(self, name: str, data: bytes) -> str:
+        text = data[:1024].decode("utf-8", "replace").strip()
+        if not is_commit(text):
+            raise ManifestError(f"ref {name!r} of {self.repo_id} does not hold a 40-hex commit")
+        return text
+
+    def parsed(self, key: str, data: bytes, parse: Callable[[bytes], T]) -> T:
+        """`parse(data)`, the object at `key` read again while its bytes do not parse (a body cut short)."""
+        return parsed_or_read_again(data, functools.partial(self.store.get_bytes, key), parse,
+                                    self.store.body_retry)
 
     def resolve(self, revision: str, listing: list[ObjectInfo]) -> str:
         if is_commit(revision):
@@ -100,7 +113,7 @@ class RemoteRepo:
         blobs = {k[len(blob_base):]: o for k, o in by_key.items() if k.startswith(blob_base)}
         small = self.store.get_many(k for k in (self.tree_key(commit), self.parts_key(commit)) if k in by_key)
         if self.tree_key(commit) in small:
-            manifest = parse_manifest(small[self.tree_key(commit)])
+            manifest = self.parsed(self.tree_key(commit), small[self.tree_key(commit)], parse_manifest)
             form = "legacy" if snapshot else "compact"
         elif snapshot:
             manifest = derive_legacy(match_snapshot_to_blobs(snapshot, blobs),
@@ -108,7 +121,8 @@ class RemoteRepo:
             form = "legacy"
         else:
             raise NotFoundError(f"{self.repo_id}@{commit[:12]} has neither a manifest nor snapshot objects")
-        sidecar = parse_sidecar(small[self.parts_key(commit)]) if self.parts_key(commit) in small else None
+        parts_key = self.parts_key(commit)
+        sidecar = self.parsed(parts_key, small[parts_key], parse_sidecar) if parts_key in small else None
         sources = self._sources(manifest, blobs, snapshot)
         return StagedSnapshot(self.repo_id, commit, manifest, sources, sidecar, form)
 

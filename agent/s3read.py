@@ -10,6 +10,7 @@ carries a query string.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from agent.errors import (
     AgentError,
@@ -30,6 +31,7 @@ from agent.policy import RetryPolicy, error_for_status, is_retryable, parse_retr
 from agent.settings import Settings
 
 METADATA_LIMIT = 64 << 20
+T = TypeVar("T")
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
@@ -45,6 +47,7 @@ class ObjectReader(Protocol):
     """What reading a staged model takes: the boto3 `Store` and `NativeReader` both provide it."""
 
     bucket: str
+    body_retry: RetryPolicy  # how a body that broke, failed its checksum or does not parse is read again
 
     def check_bucket(self) -> None: ...
 
@@ -86,6 +89,28 @@ def require_credentials(settings: Settings) -> None:
                                     "to turn object storage off")
 
 
+def parsed_or_read_again(body: bytes, read: Callable[[], bytes], parse: Callable[[bytes], T],
+                         policy: RetryPolicy) -> T:
+    """`parse(body)`; while it raises, the object is read again under `policy`, as a broken body is.
+
+    A metadata answer can arrive well framed and still cut short or damaged (a listing has no checksum,
+    and not every object's ETag is an MD5): the bytes are the only sign, and one bad answer is a
+    transient fault. The same bytes read twice are the object itself, not the way: its error then,
+    without waiting out the retries (a malformed manifest still ends at once)."""
+    for attempt in range(policy.attempts):
+        try:
+            return parse(body)
+        except AgentError:
+            if policy.gives_up(attempt):
+                raise
+            time.sleep(policy.delay(attempt))
+            again = read()
+            if again == body:
+                raise
+            body = again
+    raise AssertionError("unreachable")
+
+
 class _Retry(Exception):
     """A failure worth another try; `stalled`: no usable answer (those get only `stall_retries`)."""
 
@@ -104,6 +129,7 @@ class NativeReader:
         self.native = native
         self.deadlines = settings.deadlines
         self.retry = RetryPolicy.from_deadlines(settings.deadlines)
+        self.body_retry = self.retry  # a body that does not parse is retried as one that broke
         self.bucket = settings.bucket
         self.trust = settings.trust
         self.endpoint = settings.require_storage()
@@ -128,16 +154,23 @@ class NativeReader:
 
     def _pages(self, prefix: str, delimiter: str | None) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
         token: str | None = None
+        what = f"listing {prefix!r}"
         while True:
             url = self.native.presign_list(self.target, prefix, delimiter=delimiter, continuation=token)
-            body = self._get(url, f"listing {prefix!r}", METADATA_LIMIT)
-            try:
-                objects, prefixes, token = self.native.parse_list(body.decode("utf-8", "replace"))
-            except ValueError as exc:
-                raise StorageUnavailableError(f"listing {prefix!r}: {exc}") from None
+            read = functools.partial(self._get, url, what, METADATA_LIMIT)
+            objects, prefixes, token = parsed_or_read_again(read(), read, functools.partial(self._page, what),
+                                                            self.body_retry)
             yield [ObjectInfo(key, size, etag) for key, size, etag in objects], prefixes
             if not token:
                 return
+
+    def _page(self, what: str, body: bytes) -> tuple[list[tuple[str, int, str]], list[str], str | None]:
+        try:
+            page: tuple[list[tuple[str, int, str]], list[str], str | None] = self.native.parse_list(
+                body.decode("utf-8", "replace"))
+        except ValueError as exc:
+            raise StorageUnavailableError(f"{what}: {exc}") from None
+        return page
 
     def get_bytes(self, key: str, *, limit: int = METADATA_LIMIT) -> bytes:
         return self._get_all([(self.presign(key, expires=300), key)], limit)[0]

@@ -118,6 +118,8 @@ def translate(exc: Exception, what: str, trust: Trust | None = None) -> AgentErr
 class Store:
     """One bucket on one endpoint. Keys are full object keys (`models/hf-cache/...`)."""
 
+    body_retry = BODY_RETRY
+
     def __init__(self, settings: Settings, client: S3Client | None = None) -> None:
         self.settings = settings
         self.bucket = settings.bucket

@@ -17,6 +17,7 @@ The agent records what it skipped on purpose in `<repo>/.simswarm/selection/<com
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from agent.errors import UnsafePathError, UsageError, VerificationError
 from agent.manifest import FileEntry, Manifest, git_blob_sha1
 from agent.output import Output, human_bytes
 from agent.remote import StagedSnapshot
-from agent.s3read import ObjectReader
+from agent.s3read import ObjectReader, parsed_or_read_again
 from agent.selection import Choice, Selection, choose
 from agent.verify import check_content
 
@@ -163,11 +164,17 @@ class IndexReader:
         data = self._local(entry)
         if data is not None:
             return data
-        data = self.store.get_bytes(self.snap.sources[entry.blob_name], limit=MAX_INDEX_BYTES)
+        key = self.snap.sources[entry.blob_name]
+        read = functools.partial(self.store.get_bytes, key, limit=MAX_INDEX_BYTES)
+        data = parsed_or_read_again(read(), read, functools.partial(self._matching, relpath, entry),
+                                    self.store.body_retry)  # bytes damaged on the way are read again
+        self.fetched[entry.blob_name] = data
+        return data
+
+    def _matching(self, relpath: str, entry: FileEntry, data: bytes) -> bytes:
         if not bytes_match(entry, data):
             raise VerificationError(f"{relpath} of {self.snap.repo_id} does not match the manifest",
                                     hint="the staged model is damaged; re-stage it (`simswarm-agent stage`)")
-        self.fetched[entry.blob_name] = data
         return data
 
 

@@ -22,7 +22,8 @@ What engines differ in is said by their class attributes, so the orchestration a
 - `hashes_blobs`: the engine computes a job's `whole` digest itself, in the stream, and reports the
   verdict through `TransferHooks.on_verdict` (native); otherwise the orchestration hashes the blob;
 - `records_digests`: with `job.record`, the sha256 of every part fetched is reported through
-  `TransferHooks.on_digest` (native), which repair by agreeing reads needs;
+  `TransferHooks.on_digest` (native); repair by agreeing reads does not need it (it hashes the bytes
+  each read left on disk, whichever engine wrote them);
 - `resumes_in_parts`: a partial part's `kept` bytes are kept rather than fetched again, and progress
   within a part is reported through `TransferHooks.on_written` (native, python).
 """
@@ -44,7 +45,10 @@ from agent.settings import Deadlines, Settings
 class Part:
     """One byte range of a blob. `sha256` is the sidecar's digest of exactly these bytes, when known, and
     `blake3` their BLAKE3 (an engine checks whichever it can; both are bound to the blob alike);
-    `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any)."""
+    `kept` leading bytes are on disk from an earlier run (re-checked with the part's digest if any).
+    `lead` and `trail`: bytes of the object just before and after the part that its request asks for
+    too and the engine discards: a repair's reads of one part then differ in shape (see agent.fetch).
+    Such a part is fetched with a request of its own."""
 
     index: int
     offset: int
@@ -52,6 +56,8 @@ class Part:
     sha256: str | None = None
     kept: int = 0
     blake3: str | None = None
+    lead: int = 0
+    trail: int = 0
 
 
 @dataclass(frozen=True)

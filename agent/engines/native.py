@@ -150,7 +150,7 @@ def to_spec(job: BlobJob) -> JobSpec:
         "headers": None,
         "path": str(job.temp_path),
         "size": job.size,
-        "parts": [(i, p.offset, p.length, p.blake3 if fast else p.sha256, p.kept)
+        "parts": [(i, p.offset, p.length, p.blake3 if fast else p.sha256, p.kept, p.lead, p.trail)
                   for i, p in enumerate(job.parts)],
         "part_digest": "blake3" if fast else "sha256",
         "whole": job.whole,

@@ -122,9 +122,11 @@ def _stream_part(task: PartTask, fd: int) -> None:
         if digest is not None and digest.hexdigest() != part.sha256:
             raise _BadDigest("part digest mismatch")
         return
-    end = part.offset + part.length - 1
+    # A part's window (`lead`, `trail`) widens the request; only the part's own bytes are written.
+    start = part.offset + written - (part.lead if written == 0 else 0)
+    end = part.offset + part.length - 1 + part.trail
     response = _pool(task.url, task.config, task.trust).request(
-        "GET", task.url, headers={"Range": f"bytes={part.offset + written}-{end}"}, preload_content=False)
+        "GET", task.url, headers={"Range": f"bytes={start}-{end}"}, preload_content=False)
     reusable = False
     try:
         pos = _body_start(response, task)
@@ -146,7 +148,7 @@ def _stream_part(task: PartTask, fd: int) -> None:
             raise _Retryable(f"short body: {written} of {part.length} bytes")
         if digest is not None and digest.hexdigest() != part.sha256:
             raise _BadDigest("part digest mismatch")
-        reusable = pos == part.offset + part.length and response.status == 206
+        reusable = pos == end + 1 and response.status == 206  # a trail left unread: not reusable
     finally:
         # Only a fully read 206 leaves the connection clean for the next request; otherwise drop it.
         if not reusable:

@@ -174,10 +174,11 @@ impl Run<'_> {
         })
     }
 
-    /// The last byte of the run: the end of the range every request asks for.
+    /// The last byte of the run: the end of the range every request asks for (its window's trail
+    /// included).
     fn last_byte(&self) -> u64 {
         let last = &self.job.parts[self.end - 1];
-        last.offset + last.length - 1
+        last.offset + last.length - 1 + last.trail
     }
 
     /// One request for everything the run still misses, from the current part on. A part whose
@@ -190,9 +191,16 @@ impl Run<'_> {
             if current.state.received < part.length {
                 if body.is_none() {
                     let start = part.offset + current.state.received;
+                    // A window's lead is asked for with the part's first byte, then discarded.
+                    let lead = if current.state.received == 0 {
+                        part.lead
+                    } else {
+                        0
+                    };
                     let (skip, incoming) =
-                        request_range(self.shared, self.job, start, self.last_byte()).await?;
-                    body = Some(Reader::new(incoming, skip, &self.shared.options));
+                        request_range(self.shared, self.job, start - lead, self.last_byte())
+                            .await?;
+                    body = Some(Reader::new(incoming, skip + lead, &self.shared.options));
                 }
                 let stream = body.as_mut().expect("requested above");
                 stream.fill(&target, &mut current.state).await?;

@@ -78,19 +78,32 @@ pub fn presign_list(
 /// One page of a listing: `([(key, size, etag)], [common prefix], next continuation token | None)`.
 type Page = (Vec<(String, u64, String)>, Vec<String>, Option<String>);
 
-/// Parses a ListObjectsV2 response body; a ValueError for anything that is not one.
+/// Parses a ListObjectsV2 response body; a ValueError for anything that is not one, whole.
 #[pyfunction]
 pub fn parse_list(body: &str) -> PyResult<Page> {
-    let page = ListObjectsV2::parse_response(body)
-        .map_err(|e| PyValueError::new_err(format!("not a ListObjectsV2 response: {e}")))?;
+    whole_page(body)
+        .map_err(|why| PyValueError::new_err(format!("not a ListObjectsV2 response: {why}")))
+}
+
+/// A listing has no checksum, so its bytes are the only sign of a body cut short, and the XML reader
+/// stops at the end of input without complaint: half a page parses as a shorter page, its last object
+/// without a size. So the root element must be closed and every object must carry its size.
+fn whole_page(body: &str) -> Result<Page, String> {
+    if !body.trim_end().ends_with("</ListBucketResult>") {
+        return Err("cut short (no closing </ListBucketResult>)".to_owned());
+    }
+    let page = ListObjectsV2::parse_response(body).map_err(|e| e.to_string())?;
     let objects = page
         .contents
         .into_iter()
         .map(|o| {
             let etag = o.etag.unwrap_or_default().trim_matches('"').to_owned();
-            (o.key, o.size.unwrap_or(0), etag)
+            let size = o
+                .size
+                .ok_or_else(|| format!("object {:?} without its size", o.key))?;
+            Ok((o.key, size, etag))
         })
-        .collect();
+        .collect::<Result<Vec<_>, String>>()?;
     let prefixes = page.common_prefixes.into_iter().map(|p| p.prefix).collect();
     Ok((objects, prefixes, page.next_continuation_token))
 }
@@ -111,5 +124,28 @@ mod tests {
         assert_eq!(objects, vec![("m/a".to_owned(), 42, "abc".to_owned())]);
         assert!(prefixes.is_empty());
         assert_eq!(next.as_deref(), Some("tok"));
+    }
+
+    const TWO: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>m/</Prefix>
+<KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>
+<Contents><Key>m/a</Key><ETag>"abc"</ETag><Size>42</Size></Contents>
+<Contents><Key>m/b</Key><ETag>"def"</ETag><Size>7</Size></Contents></ListBucketResult>
+"#;
+
+    #[test]
+    fn a_listing_cut_anywhere_is_refused_never_read_as_a_shorter_page() {
+        assert_eq!(whole_page(TWO).unwrap().0.len(), 2);
+        for cut in 1..TWO.trim_end().len() {
+            let page = whole_page(&TWO[..cut]);
+            assert!(page.is_err(), "a body cut at {cut} parsed: {page:?}");
+        }
+    }
+
+    #[test]
+    fn an_object_without_its_size_is_refused() {
+        let body = TWO.replace("<Size>7</Size>", "");
+        let err = whole_page(&body).unwrap_err();
+        assert!(err.contains("without its size"), "{err}");
     }
 }

@@ -15,9 +15,11 @@ use crate::error::redact_url;
 use crate::whole::{Algorithm, WholeSpec};
 
 /// One part as Python passes it: `(index, offset, length, digest hex | None)`, optionally followed by
-/// `kept`, the bytes at the part's start already on disk from an earlier run.
+/// `kept`, the bytes at the part's start already on disk from an earlier run, then by `lead` and
+/// `trail`, the bytes just before and after the part that its request asks for too (and discards).
 #[derive(FromPyObject)]
 enum PartArg {
+    Window((usize, u64, u64, Option<String>, u64, u64, u64)),
     Kept((usize, u64, u64, Option<String>, u64)),
     Plain((usize, u64, u64, Option<String>)),
 }
@@ -77,13 +79,24 @@ pub struct Job {
 }
 
 /// One byte range of a blob: `index` is the caller's own part number, echoed back in progress;
-/// `kept` leading bytes are already on disk and are re-checked, not fetched again.
+/// `kept` leading bytes are already on disk and are re-checked, not fetched again. A part with a
+/// window (`lead` bytes before it, `trail` after it, asked for and discarded) is a request of its own:
+/// a repair makes its reads of one part differ in shape so that a hop that damages requests the same
+/// way each time cannot make two of them agree.
 pub struct PartSpec {
     pub index: usize,
     pub offset: u64,
     pub length: u64,
     pub digest: Option<[u8; 32]>,
     pub kept: u64,
+    pub lead: u64,
+    pub trail: u64,
+}
+
+impl PartSpec {
+    pub fn windowed(&self) -> bool {
+        self.lead > 0 || self.trail > 0
+    }
 }
 
 /// The transfer limits, validated.
@@ -191,11 +204,13 @@ impl JobArg {
             .parts
             .into_iter()
             .map(|arg| {
-                let (index, offset, length, sha, kept) = match arg {
-                    PartArg::Kept(t) => t,
-                    PartArg::Plain((i, o, l, s)) => (i, o, l, s, 0),
+                let (index, offset, length, sha, kept, lead, trail) = match arg {
+                    PartArg::Window(t) => t,
+                    PartArg::Kept((i, o, l, s, k)) => (i, o, l, s, k, 0, 0),
+                    PartArg::Plain((i, o, l, s)) => (i, o, l, s, 0, 0, 0),
                 };
-                part_spec(index, offset, length, sha, kept, self.size)
+                let part = part_spec(index, offset, length, sha, kept, self.size)?;
+                with_window(part, lead, trail, self.size)
             })
             .collect::<Result<Vec<_>, String>>()
             .map_err(&bad)?;
@@ -264,6 +279,23 @@ fn part_spec(
         length,
         digest,
         kept,
+        lead: 0,
+        trail: 0,
+    })
+}
+
+fn with_window(part: PartSpec, lead: u64, trail: u64, size: u64) -> Result<PartSpec, String> {
+    let end = part.offset + part.length;
+    if lead > part.offset || end.checked_add(trail).is_none_or(|e| e > size) {
+        return Err(format!(
+            "part {}: its window ({lead} bytes before, {trail} after) leaves the blob of {size} bytes",
+            part.index
+        ));
+    }
+    Ok(PartSpec {
+        lead,
+        trail,
+        ..part
     })
 }
 
@@ -325,5 +357,16 @@ mod tests {
         assert!(part_spec(0, u64::MAX, 5, None, 0, 12).is_err());
         assert!(part_spec(0, 7, 5, None, 0, 12).is_ok());
         assert!(part_spec(0, 7, 5, None, 6, 12).is_err());
+    }
+
+    #[test]
+    fn a_window_must_stay_inside_the_blob() {
+        let part = || part_spec(0, 4, 4, None, 0, 12).unwrap();
+        assert!(with_window(part(), 4, 4, 12).is_ok());
+        assert!(with_window(part(), 5, 0, 12).is_err());
+        assert!(with_window(part(), 0, 5, 12).is_err());
+        assert!(with_window(part(), 0, u64::MAX, 12).is_err());
+        assert!(with_window(part(), 1, 1, 12).unwrap().windowed());
+        assert!(!with_window(part(), 0, 0, 12).unwrap().windowed());
     }
 }

@@ -185,7 +185,8 @@ const RUN_BYTES: u64 = 64 << 20;
 /// The work queue: `(job, positions)` runs of adjacent parts, blob by blob in file order, each
 /// fetched with one request. A run is at most [`RUN_BYTES`], and short enough that there are about
 /// four runs per stream (a small model keeps every stream busy); a part with kept bytes is a run of
-/// its own (the request would otherwise skip over them).
+/// its own (the request would otherwise skip over them), and so is one with a window (its request
+/// has the shape a repair chose).
 fn runs(jobs: &[Job], concurrency: usize) -> Vec<(usize, Range<usize>)> {
     let missing: u64 = jobs
         .iter()
@@ -198,9 +199,10 @@ fn runs(jobs: &[Job], concurrency: usize) -> Vec<(usize, Range<usize>)> {
         while start < job.parts.len() {
             let first = &job.parts[start];
             let (mut end, mut bytes) = (start + 1, first.length);
-            while first.kept == 0 && end < job.parts.len() {
+            while first.kept == 0 && !first.windowed() && end < job.parts.len() {
                 let (prev, next) = (&job.parts[end - 1], &job.parts[end]);
-                let adjacent = prev.offset + prev.length == next.offset && next.kept == 0;
+                let adjacent =
+                    prev.offset + prev.length == next.offset && next.kept == 0 && !next.windowed();
                 if !adjacent || bytes + next.length > budget {
                     break;
                 }

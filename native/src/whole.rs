@@ -205,6 +205,8 @@ mod tests {
             length,
             digest: None,
             kept: 0,
+            lead: 0,
+            trail: 0,
         }
     }
 

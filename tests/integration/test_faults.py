@@ -28,7 +28,9 @@ from agent.errors import AgentError, ConfigError, CredentialsError
 from agent.manifest import Manifest
 from agent.policy import RetryPolicy
 from agent.pull import PullOptions, PullResult, pull_from_store
+from agent.s3read import NativeReader, ObjectReader, open_reader
 from agent.settings import Deadlines, Settings
+from agent.store import Store
 from agent.verify import audit_cache
 from tests.support.cli import clean_env, run_agent
 from tests.support.fault_server import FaultProxy
@@ -162,6 +164,46 @@ def test_a_one_off_body_fault_on_the_manifest_get_is_retried(
     proxy.add_fault(fault, count=1, match=METADATA["manifest"](staged_bucket))  # type: ignore[arg-type]
     pull(settings, model_repo[0], "auto")
     assert_real_client_reads(settings, model_repo[0], manifest, tiny_model)
+
+
+READERS = ["native", "boto3"]  # the metadata readers: the extension's signer, or boto3 without it
+
+
+def reader_for(kind: str, settings: Settings) -> ObjectReader:
+    if kind == "boto3":
+        return Store(settings)
+    reader = open_reader(settings)
+    if not isinstance(reader, NativeReader):
+        pytest.skip("no native extension: the boto3 reader is the only one here")
+    return reader
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("what", sorted(METADATA))
+def test_a_metadata_answer_cut_short_once_is_read_again(
+        what: str, reader: str, proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str,
+        manifest: Manifest, model_repo: tuple[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """Well framed (Content-Length says the half) but half the body: only what the bytes say can tell,
+    and a listing has no checksum. A one-off bad answer is transient: read it again, as a broken body."""
+    settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")
+    proxy.add_fault("halve", count=1, match=METADATA[what](staged_bucket))  # type: ignore[arg-type]
+    opts = PullOptions(model_repo[0], engine="auto", transfer=FAST)
+    pull_from_store(settings, opts, quiet(), reader=reader_for(reader, settings))
+    assert proxy.count(fault="halve") == 1, "the fault was never applied"
+    assert_real_client_reads(settings, model_repo[0], manifest, tiny_model)
+
+
+def test_a_listing_cut_short_on_every_read_ends_in_its_own_error(
+        proxy: FaultProxy, s3_server: SeaweedServer, staged_bucket: str, manifest: Manifest,
+        model_repo: tuple[str, str], tmp_path: Path) -> None:
+    """Retries that never get a whole listing end as before: exit 3, not a ListObjectsV2 response."""
+    settings = via(proxy, s3_server, staged_bucket, tmp_path / "hf-home")
+    proxy.add_fault("halve", count=10_000, match=METADATA["listing"](staged_bucket))  # type: ignore[arg-type]
+    with pytest.raises(AgentError) as info:
+        pull(settings, model_repo[0], "auto")
+    assert_clean_failure(info.value, {3}, RepoCache(settings.hub_cache, model_repo[0]), manifest)
+    assert "not a ListObjectsV2 response" in info.value.one_line()
+    assert proxy.count(fault="halve") == 2  # the same bytes read again are the answer: no more retries
 
 
 # -- the same fault on every request: a clean, documented failure ----------------------------------------

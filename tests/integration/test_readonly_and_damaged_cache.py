@@ -30,7 +30,7 @@ from tests.support import cli
 from tests.support.cli import hub_agent_env
 from tests.support.fake_hub import FakeHub
 from tests.support.hf_cache import assert_clean_cache, resolve_offline, tree_state
-from tests.support.staged import quiet
+from tests.support.staged import ENGINES, quiet
 
 STUB = """#!{python}
 import json, os, sys
@@ -209,11 +209,13 @@ def _file_for(path: Path) -> None:
     path.write_text("not a folder")
 
 
+@pytest.mark.parametrize("rehash", [False, True], ids=["plain", "rehash"])  # --rehash drops stamps first
+@pytest.mark.parametrize("engine", ENGINES)  # every repair must hold whichever engine pulls
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_the_agent_repairs_damage_in_its_own_model_folder_and_touches_nothing_outside(
-        settings: Settings, staged: tuple[str, str], damage: str) -> None:
+        settings: Settings, staged: tuple[str, str], damage: str, engine: str, rehash: bool) -> None:
     repo_id, commit = staged
-    pull_from_store(settings, PullOptions(repo_id, engine="python"), quiet())
+    pull_from_store(settings, PullOptions(repo_id, engine=engine), quiet())
     cache = RepoCache(settings.hub_cache, repo_id)
     DAMAGE[damage](cache, commit)
     # The same damage in another model's folder, and a file beside the cache: not ours to touch.
@@ -223,8 +225,8 @@ def test_the_agent_repairs_damage_in_its_own_model_folder_and_touches_nothing_ou
     beside.write_text("keep me")
     before = tree_state(other.repo_dir)
 
-    again = pull_from_store(settings, PullOptions(repo_id, engine="python"), quiet())
-    third = pull_from_store(settings, PullOptions(repo_id, engine="python"), quiet())
+    again = pull_from_store(settings, PullOptions(repo_id, engine=engine, rehash=rehash), quiet())
+    third = pull_from_store(settings, PullOptions(repo_id, engine=engine), quiet())
 
     assert (again.source, again.bytes_downloaded) == ("cache", 0)
     assert third.source == "cache"

@@ -6,6 +6,7 @@ plus what `stage` writes), which mypy checks (`_fits` below; tests/unit/test_fak
 `stage_from_cache`, `RemoteRepo` and `pull_from_store(..., reader=store, engine=FakeEngine(store))` run on
 it in milliseconds, no server anywhere. Faults are plain attributes: `failure` (every call raises
 it: the bucket is down), `flip_reads` (the next reads of a key return one byte flipped: a flaky link),
+`cut_reads` (the next reads of a key return its first half: an answer cut short but well framed),
 `listing` (what the listing shows instead of the objects: keys no real server would keep). Every key read
 is logged in `reads`, and `FakeEngine` logs the jobs it was given, so a test can say what was fetched.
 
@@ -23,6 +24,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from agent.engines.base import BlobJob, Engine, PartDoneFn, ProgressFn, TransferConfig, TransferHooks
 from agent.errors import AgentError, ConfigError, NotFoundError, VerificationError
+from agent.policy import RetryPolicy
 from agent.s3read import METADATA_LIMIT, ObjectInfo, ObjectStore
 from agent.settings import Settings
 
@@ -32,12 +34,15 @@ URL_BASE = "https://fake-s3.invalid"
 class FakeStore:
     """One bucket in a dict. Keys are full object keys (`models/hf-cache/...`), as with the real Store."""
 
+    body_retry = RetryPolicy(max_retries=3, base=0.0, cap=0.0)  # read again at once: no waiting in unit tests
+
     def __init__(self, bucket: str = "fake-bucket") -> None:
         self.bucket = bucket
         self.objects: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         self.failure: AgentError | None = None
         self.flip_reads: dict[str, int] = {}  # key -> how many of its next reads come back damaged
+        self.cut_reads: dict[str, int] = {}  # key -> how many of its next reads return only its first half
         self.listing: list[ObjectInfo] | None = None
         self.reads: list[str] = []
 
@@ -115,6 +120,9 @@ class FakeStore:
             damaged = bytearray(data)
             damaged[len(damaged) // 2] ^= 0xFF
             return bytes(damaged)
+        if self.cut_reads.get(key, 0) > 0:
+            self.cut_reads[key] -= 1
+            return data[:len(data) // 2]
         return data
 
     def key_of(self, url: str) -> str:

@@ -50,6 +50,8 @@ FaultKind = Literal[
     "stall_head",    # wait `stall_seconds` before answering at all, then answer normally
     "trickle",       # send the headers, then the body one byte every `stall_seconds` (a dying link)
     "flip",          # flip every bit of the body's middle byte (same length, wrong bytes)
+    "halve",         # send the first half of the body with a Content-Length saying so: well framed, cut short
+    "flip_third",    # flip every bit of the byte at one third of the body (with `every`: a faulty middlebox)
     "slowdown",      # answer 503 SlowDown with Retry-After: 1, without asking the upstream
     "error500",      # answer 500 InternalError, without asking the upstream
     "range_as_200",  # a ranged answer sent as 200, keeping its Content-Range (as rclone serve s3 does)
@@ -88,17 +90,24 @@ Matcher = Callable[[str, str, "str | None"], bool]  # (method, path, range) -> a
 
 @dataclass
 class Rule:
-    """Apply `kind` to the next `count` requests that `match` accepts (None: any request)."""
+    """Apply `kind` to the next `count` requests that `match` accepts (None: any request); with `every`
+    N, only to every Nth of them (the Nth, the 2Nth, ...): a deterministic fault, as a middlebox's is."""
 
     kind: str
     count: int = 1
     match: str | Matcher | None = None
     stall_seconds: float | None = None
+    every: int = 1
     applied: int = field(default=0)
+    seen: int = field(default=0)
 
     def accepts(self, method: str, path: str, range_: str | None) -> bool:
-        if self.applied >= self.count:
+        if self.applied >= self.count or not self._matches(method, path, range_):
             return False
+        self.seen += 1
+        return self.seen % self.every == 0
+
+    def _matches(self, method: str, path: str, range_: str | None) -> bool:
         if self.match is None:
             return True
         if isinstance(self.match, str):
@@ -160,12 +169,15 @@ class FaultProxy(LoopbackServer):
     # -- faults and log -------------------------------------------------------------------------------
 
     def add_fault(self, kind: FaultKind, count: int = 1, match: str | Matcher | None = None, *,
-                  stall_seconds: float | None = None) -> Rule:
+                  stall_seconds: float | None = None, every: int = 1) -> Rule:
         """Break the next `count` requests that `match` accepts (a substring of the path, or a predicate
-        on (method, path, range)). Rules apply in the order added, one per request."""
+        on (method, path, range)), or with `every` N only each Nth of them. Rules apply in the order
+        added, one per request (a request one rule counted without breaking it may meet the next)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
-        rule = Rule(kind, count, match, stall_seconds)
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        rule = Rule(kind, count, match, stall_seconds, every)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -383,6 +395,11 @@ class _FaultHandler(BaseHTTPRequestHandler):
         if kind == "flip" and body:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+        if kind == "flip_third" and body:
+            third = len(body) // 3
+            body = body[:third] + bytes([body[third] ^ 0xFF]) + body[third + 1:]
+        if kind == "halve":
+            body = body[:len(body) // 2]  # the client can only tell by what the bytes say
         if record is not None:
             cut = kind in ("reset", "truncate")
             size = 0 if self.command == "HEAD" else len(body)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.cache import RepoCache
 from agent.errors import ManifestError, NotFoundError, UnsafePathError, VerificationError
 from agent.manifest import Manifest
 from agent.remote import RemoteRepo, staged_models
 from agent.s3read import ObjectInfo
 from agent.settings import MODELS_PREFIX
 from agent.stage import stage_from_cache
+from agent.subset import IndexReader
 from tests.support.fake_store import FakeStore
 from tests.support.staged import copy_legacy, quiet
 from tests.unit.conftest import COMMIT, REPO, UNIT_PART
@@ -130,6 +132,57 @@ def test_a_ref_that_is_not_a_commit_is_refused_exit_4(ref: bytes, store: FakeSto
     with pytest.raises(ManifestError) as info:
         RemoteRepo(store, REPO).load("main")
     assert info.value.exit_code == 4 and "40-hex" in str(info.value)
+
+
+METADATA_KEYS = {"ref": PREFIX + "refs/main", "manifest": PREFIX + f"trees/{COMMIT}.json",
+                 "sidecar": PREFIX + f"parts/{COMMIT}.json"}
+
+
+@pytest.mark.parametrize("what", sorted(METADATA_KEYS))
+def test_a_metadata_object_cut_short_once_is_read_again(what: str, store: FakeStore) -> None:
+    """Half the body, well framed: the bytes do not parse, which is the sign of a transient fault."""
+    key = METADATA_KEYS[what]
+    whole = RemoteRepo(store, REPO).load("main")
+    store.reads.clear()
+    store.cut_reads[key] = 1
+    assert RemoteRepo(store, REPO).load("main") == whole
+    assert store.reads.count(key) == 2 and store.cut_reads[key] == 0
+
+
+@pytest.mark.parametrize("what", sorted(METADATA_KEYS))
+def test_a_metadata_object_that_reads_the_same_bad_bytes_twice_is_refused_at_once(
+        what: str, store: FakeStore) -> None:
+    """The same bytes twice are the object itself: its error after one more read, not after every retry."""
+    key = METADATA_KEYS[what]
+    store.put_bytes(key, store.objects[key][:len(store.objects[key]) // 2])
+    with pytest.raises(ManifestError) as info:
+        RemoteRepo(store, REPO).load("main")
+    assert info.value.exit_code == 4
+    assert store.reads.count(key) == 2
+
+
+def test_a_metadata_object_cut_short_on_every_read_ends_in_its_error_after_the_retries(
+        store: FakeStore) -> None:
+    """Bad bytes that differ each time (one more byte of the body, say) get the policy's retries."""
+    key = METADATA_KEYS["manifest"]
+    whole = store.objects[key]
+    served = iter(range(1, len(whole)))
+    read = store.read
+    store.read = lambda k: whole[:next(served)] if k == key else read(k)  # type: ignore[method-assign]
+    with pytest.raises(ManifestError):
+        RemoteRepo(store, REPO).load("main")
+    assert next(served) == store.body_retry.attempts + 1  # the first read and every retry, no more
+
+
+def test_an_index_file_cut_short_once_is_read_again(store: FakeStore, tmp_path: Path) -> None:
+    """The small files the file selection reads (config, index) are checked against the manifest: a
+    body that does not match is read again, as a broken one."""
+    snap = RemoteRepo(store, REPO).load("main")
+    key = snap.sources[snap.manifest.files["tokenizer.json"].blob_name]
+    store.reads.clear()
+    store.cut_reads[key] = 1
+    data = IndexReader(store, RepoCache(tmp_path, REPO), snap)("tokenizer.json")
+    assert data == store.objects[key] and store.reads.count(key) == 2
 
 
 def test_an_object_whose_size_differs_from_the_manifest_is_refused_before_any_transfer(
