@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -102,19 +103,37 @@ def complete(port: int) -> tuple[int, dict[str, object]]:
         return answer.status, json.loads(answer.read())
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM to the pod's main process; its output once every process of its group has ended."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while live_group_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert live_group_members(proc.pid) == []
-    return output
+class Pod:
+    """A process whose output is read as it comes, so a test can tell what was said while it served
+    from what vLLM says while it shuts down (its own shutdown may log an engine-core traceback)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> tuple[str, str]:
+        """SIGTERM to the pod's main process; (output before it, output after it), once every process
+        of its group has ended."""
+        served = len(self.lines)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.reader.join(30)
+        deadline = time.monotonic() + 60
+        while live_group_members(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert live_group_members(self.proc.pid) == []
+        return "".join(self.lines[:served]), "".join(self.lines[served:])
 
 
 @pytest.fixture
@@ -128,9 +147,9 @@ def started() -> Iterator[list[subprocess.Popen[str]]]:
             proc.wait(30)
 
 
-def launch(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+def launch(argv: list[str], env: dict[str, str]) -> Pod:
+    return Pod(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True))
 
 
 def test_a_new_pod_serves_while_its_weights_arrive_and_a_corrupt_one_never_reaches_vllm(
@@ -144,14 +163,14 @@ def test_a_new_pod_serves_while_its_weights_arrive_and_a_corrupt_one_never_reach
         proxy.add_fault("flip", match=lambda m, path, r: m == "GET" and any(b in path for b in weights))
         storage = {**s3_server.env(bucket), "MINIO_ENDPOINT": link.endpoint}
         env = vllm_env(fake_hub, pod_home, storage, tmp_path)
-        proc = launch([sys.executable, "-m", "agent", "--log-format", "json", "serve", REPO_ID,
-                       "--no-fallback", "--report", str(tmp_path / "report.json"), "--vllm-bin", vllm_bin,
-                       "--", "--port", str(port), "--max-model-len", "256"], env)
-        started.append(proc)
-        ready(proc, port)
+        pod = launch([sys.executable, "-m", "agent", "--log-format", "json", "serve", REPO_ID,
+                      "--no-fallback", "--report", str(tmp_path / "report.json"), "--vllm-bin", vllm_bin,
+                      "--", "--port", str(port), "--max-model-len", "256"], env)
+        started.append(pod.proc)
+        ready(pod.proc, port)
         status, answer = complete(port)
         assert proxy.count(fault="flip") == 1
-    output = stop(proc)
+    output, _ = pod.stop()
     assert status == 200 and answer["choices"], answer
     assert "--load-format simswarm" in output
     assert "every weight file has arrived and passed its check" in output
@@ -175,11 +194,11 @@ def test_start_sh_on_the_warm_cache_serves_with_vllms_own_loader(
                    SIMSWARM_VLLM_BIN=vllm_bin, SIMSWARM_NO_FALLBACK="true",
                    VLLM_ARGS=f"--port {port} --max-model-len 256")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.defpath)}"
-    proc = launch(["bash", str(ROOT / "start.sh")], env)
-    started.append(proc)
-    ready(proc, port)
+    pod = launch(["bash", str(ROOT / "start.sh")], env)
+    started.append(pod.proc)
+    ready(pod.proc, port)
     status, _ = complete(port)
-    output = stop(proc)
+    output, _ = pod.stop()
     assert status == 200
     assert "nothing to download" in output
     assert "--load-format" not in output and "serve.first" not in output
