@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from types import FrameType
 
 from agent import __version__
 from agent.commands import COMMANDS
-from agent.errors import EXIT_SIGINT, EXIT_USAGE, Interrupted, as_agent_error
+from agent.errors import EXIT_USAGE, Interrupted, failure_line
 from agent.output import Output
 from agent.settings import Settings
 
@@ -54,20 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         code: int = args.func(args, settings, out)
         return code
-    except Interrupted as exc:
-        out.error(exc.one_line(), exc.exit_code)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        out.error("error: interrupted (run the same command again to resume)", EXIT_SIGINT)
-        return EXIT_SIGINT
     except BrokenPipeError:
         return EXIT_USAGE
-    except Exception as exc:  # the one place every failure becomes one line and a documented code
-        if args.debug:
-            traceback.print_exc()
-        error = as_agent_error(exc)
-        out.error(error.one_line(), error.exit_code)
-        return error.exit_code
+    except (Interrupted, KeyboardInterrupt, Exception) as exc:  # every failure: one line, a documented code
+        line, code = failure_line(exc, debug=args.debug)
+        out.error(line, code)
+        return code
 
 
 if __name__ == "__main__":

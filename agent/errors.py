@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import resource
+import traceback
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -241,3 +242,16 @@ def as_agent_error(exc: Exception) -> AgentError:
     flat = " ".join(scrub_queries(str(exc)).split())[:300]
     name = type(exc).__name__
     return InternalError(f"unexpected {name}: {flat}" if flat else f"unexpected {name}")
+
+
+def failure_line(exc: Interrupted | KeyboardInterrupt | Exception, *, debug: bool = False) -> tuple[str, int]:
+    """The one line and the documented exit code a command's failure becomes (with `debug`, an
+    unexpected failure's traceback first): the CLI's rule, and the background pull's under `serve`."""
+    if isinstance(exc, Interrupted):
+        return exc.one_line(), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "error: interrupted (run the same command again to resume)", EXIT_SIGINT
+    if debug:
+        traceback.print_exception(exc)
+    error = as_agent_error(exc)
+    return error.one_line(), error.exit_code

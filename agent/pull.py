@@ -105,12 +105,20 @@ class Handoff(Protocol):
         """A blob of the rest is on disk under its final name: it passed its check."""
 
 
-def place(cache: RepoCache, snap: StagedSnapshot, revision: str) -> Path:
-    """Links first, then the ref, then the manifest: each step only once the previous one is true."""
+def link_files(cache: RepoCache, snap: StagedSnapshot,
+               wanted: Callable[[str], bool] = lambda _: True) -> None:
+    """Each wanted file's snapshot link, its blob on disk first."""
     for path, entry in snap.manifest.files.items():
+        if not wanted(path):
+            continue
         if not cache.blob_path(entry.blob_name).is_file():
             raise VerificationError(f"{path}: blob {entry.blob_name[:12]} is missing after the transfer")
         cache.link(snap.commit, path, entry.blob_name)
+
+
+def place(cache: RepoCache, snap: StagedSnapshot, revision: str) -> Path:
+    """Links first, then the ref, then the manifest: each step only once the previous one is true."""
+    link_files(cache, snap)
     if not is_commit(revision):
         cache.write_ref(revision, snap.commit)
     cache.write_tree(snap.commit, snap.manifest.to_json())
@@ -121,9 +129,7 @@ def place_first(cache: RepoCache, snap: StagedSnapshot, revision: str, first: Ca
     """Step 6 for the first files alone: their links, then the ref. trees/<commit>.json is written only
     once the rest has landed: huggingface_hub checks an offline snapshot against it, and one listing
     files still on their way would make vLLM's resolution of the model fail."""
-    for path, entry in snap.manifest.files.items():
-        if first(path):
-            cache.link(snap.commit, path, entry.blob_name)
+    link_files(cache, snap, first)
     with contextlib.suppress(FileNotFoundError):
         cache.tree_path(snap.commit).unlink()
     if not is_commit(revision):

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from agent.settings import Settings  # noqa: E402
 from tests.support.cli import clean_env  # noqa: E402
 from tests.support.fake_hub import FakeHub, read_tree  # noqa: E402
 from tests.support.hf_cache import build_hf_cache  # noqa: E402
+from tests.support.nginx import free_port  # noqa: E402
 from tests.support.staged import stage  # noqa: E402
 from tests.support.throttle import ThrottledLink  # noqa: E402
 
@@ -70,13 +70,6 @@ class Run:
     seconds: float
     status: int = 0
     phases: dict[str, float] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Timeline:

@@ -164,7 +164,7 @@ def serve_overlapped(args: argparse.Namespace, settings: Settings, out: Output, 
         write_report(args.report, result)
         summarize(result, out)
 
-    pulling = background.start(opts, out, pull, finish, debug=bool(getattr(args, "debug", False)))
+    pulling = background.start(opts.selection.load_format, out, pull, finish, debug=args.debug)
     probe = Probe(vllm_bin)  # vLLM's interpreter answers while the first files are fetched
     try:
         report = pulling.next_report()

@@ -1,6 +1,7 @@
 """The arrivals record: which weight files the background pull has verified and placed.
 
-The background pull writes it (whole, by rename) when the files vLLM reads first are in place and
+The background pull writes it (whole, by rename: `agent.cache.atomic_write`, world-readable, as vLLM may
+run as another user) when the files vLLM reads first are in place and
 again as each weight file gets its final name; vLLM's worker reads it before it opens a weight file.
 It lives beside the cache's other state, `<repo>/.simswarm/arrivals/<commit>.json`:
 
@@ -17,11 +18,9 @@ Standard library only: vLLM's processes import this module.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,20 +59,6 @@ class Arrivals:
 
 def record_path(repo_state: Path, commit: str) -> Path:
     return repo_state / "arrivals" / f"{commit}.json"
-
-
-def write_arrivals(path: Path, arrivals: Arrivals) -> None:
-    """Whole or not at all: a reader never sees half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".arrivals-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(arrivals.to_json())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_arrivals(path: str | Path) -> Arrivals | None:

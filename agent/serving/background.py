@@ -31,19 +31,18 @@ import json
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.cache import RepoCache
-from agent.errors import EXIT_SIGINT, Interrupted, as_agent_error
+from agent.cache import RepoCache, atomic_write
+from agent.errors import Interrupted, failure_line
 from agent.output import Output
-from agent.pull import PullOptions, PullResult
+from agent.pull import PullResult
 from agent.remote import StagedSnapshot
 from agent.selection import NoWeights, is_weight_file, vllm_weights
-from agent.serving.arrivals import Arrivals, natural_key, record_path, write_arrivals
+from agent.serving.arrivals import Arrivals, natural_key, record_path
 
 PR_SET_PDEATHSIG = 1
 
@@ -68,14 +67,15 @@ class ServeHandoff:
     status_fd: int
     out: Output
     load_format: str
-    arrivals: Arrivals | None = None
-    record: Path | None = None
+    arrivals: Arrivals | None = None  # set once the first files are in place
     cache: RepoCache | None = None
     blob_of: dict[str, str] = field(default_factory=dict)  # weight path -> blob name
 
     @property
-    def handed_off(self) -> bool:
-        return self.arrivals is not None
+    def record(self) -> Path | None:
+        if self.cache is None or self.arrivals is None:
+            return None
+        return record_path(self.cache.state, self.arrivals.commit)
 
     def first(self, path: str) -> bool:
         return not is_weight_file(path)
@@ -90,13 +90,13 @@ class ServeHandoff:
         self.blob_of = {p: snap.manifest.files[p].blob_name for p in weights}
         self.arrivals = Arrivals(os.getpid(), snap.repo_id, snap.commit, str(cache.snapshot_dir(snap.commit)),
                                  weights)
-        self.record = record_path(cache.state, snap.commit)
-        write_arrivals(self.record, self.arrivals)
+        record = record_path(cache.state, snap.commit)
+        atomic_write(record, self.arrivals.to_json())
         self.out.event("serve.first", f"{snap.repo_id}@{snap.commit[:12]}: configs and tokenizer in place; "
                        f"starting vLLM while {len(weights)} weight files arrive",
-                       weights=weights, arrivals=str(self.record))
+                       weights=weights, arrivals=str(record))
         self.out.json_mode = True  # from here on the pod's log is vLLM's too: one JSON line per event
-        send(self.status_fd, {"stage": "first", "arrivals": str(self.record), "commit": snap.commit})
+        send(self.status_fd, {"stage": "first", "arrivals": str(record), "commit": snap.commit})
 
     def weights_vllm_reads(self, cache: RepoCache, snap: StagedSnapshot) -> list[str]:
         """vLLM's default loader's files, in its order; none when it would find none (the plugin then
@@ -115,7 +115,8 @@ class ServeHandoff:
         return sorted(found.files, key=natural_key)
 
     def arrived(self, blob_name: str) -> None:
-        if self.arrivals is None or self.cache is None or self.record is None:
+        record = self.record
+        if self.arrivals is None or self.cache is None or record is None:
             return
         paths = [p for p, b in self.blob_of.items() if b == blob_name and p not in self.arrivals.ready]
         if not paths:
@@ -123,7 +124,7 @@ class ServeHandoff:
         for path in paths:  # the link first: a path in `ready` must open
             self.cache.link(self.arrivals.commit, path, blob_name)
         self.arrivals.ready = [p for p in self.arrivals.weights if p in self.arrivals.ready or p in paths]
-        write_arrivals(self.record, self.arrivals)
+        atomic_write(record, self.arrivals.to_json())
 
     def ended_well(self, commit: str) -> None:
         if self.record is not None:
@@ -132,10 +133,11 @@ class ServeHandoff:
         send(self.status_fd, {"stage": "done", "exit_code": 0, "commit": commit})
 
     def failed(self, code: int, line: str) -> None:
-        if self.arrivals is not None and self.record is not None:
+        record = self.record
+        if self.arrivals is not None and record is not None:
             self.arrivals.exit_code, self.arrivals.error = code, line
             with contextlib.suppress(OSError):
-                write_arrivals(self.record, self.arrivals)
+                atomic_write(record, self.arrivals.to_json())
         send(self.status_fd, {"stage": "failed", "exit_code": code, "error": line})
 
 
@@ -153,15 +155,8 @@ def run_child(parent: int, status_fd: int, out: Output, load_format: str, pull: 
         finish(result)
         handoff.ended_well(result.commit)
         return 0
-    except Interrupted as exc:
-        line, code = exc.one_line(), exc.exit_code
-    except KeyboardInterrupt:
-        line, code = "error: interrupted (run the same command again to resume)", EXIT_SIGINT
-    except Exception as exc:  # as the CLI does: one line and a documented code
-        if debug:
-            traceback.print_exc()
-        error = as_agent_error(exc)
-        line, code = error.one_line(), error.exit_code
+    except (Interrupted, KeyboardInterrupt, Exception) as exc:  # as the CLI does: one line, one code
+        line, code = failure_line(exc, debug=debug)
     out.error(line, code)
     handoff.failed(code, line)
     return code
@@ -202,7 +197,7 @@ class Background:
         return self.wait()
 
 
-def start(opts: PullOptions, out: Output, pull: PullFn, finish: FinishFn, *,
+def start(load_format: str, out: Output, pull: PullFn, finish: FinishFn, *,
           debug: bool = False) -> Background:
     """Fork the background pull; in the parent, returns how to follow it (the child never returns)."""
     read_fd, write_fd = os.pipe()
@@ -214,7 +209,7 @@ def start(opts: PullOptions, out: Output, pull: PullFn, finish: FinishFn, *,
         code = 1
         try:
             os.close(read_fd)
-            code = run_child(parent, write_fd, out, opts.selection.load_format, pull, finish, debug)
+            code = run_child(parent, write_fd, out, load_format, pull, finish, debug)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from tests.support.cli import ROOT, hub_agent_env, live_group_members, run_agent
 from tests.support.fake_hub import FakeHub, read_tree
 from tests.support.fault_server import FaultProxy
 from tests.support.hf_cache import build_hf_cache, resolve_offline
+from tests.support.nginx import free_port
 from tests.support.staged import bucket_manifest, stage
 from tests.support.throttle import ThrottledLink
 
@@ -64,13 +64,6 @@ def vllm_bucket(s3_server: SeaweedServer, fake_hub: FakeHub,
 def pod_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One pod's HF_HOME for the module: the cold start fills it, the warm start reuses it."""
     return tmp_path_factory.mktemp("pod") / "hf-home"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def vllm_env(hub: FakeHub, home: Path, storage: dict[str, str], tmp: Path, **extra: str) -> dict[str, str]:

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.cache import atomic_write
 from agent.serving import plugin
-from agent.serving.arrivals import (
-    ENV_ARRIVALS,
-    ENV_BACKGROUND_PID,
-    Arrivals,
-    natural_key,
-    read_arrivals,
-    write_arrivals,
-)
+from agent.serving.arrivals import ENV_ARRIVALS, ENV_BACKGROUND_PID, Arrivals, natural_key, read_arrivals
 from agent.serving.probe import interpreter_of
 
 
@@ -33,7 +27,7 @@ def record(tmp_path: Path, **changes: object) -> Arrivals:
 def test_the_record_reads_back_and_anything_else_reads_as_none(tmp_path: Path) -> None:
     path = tmp_path / "state" / "arrivals.json"
     arrivals = record(tmp_path, ready=["model-00001-of-00002.safetensors"])
-    write_arrivals(path, arrivals)
+    atomic_write(path, arrivals.to_json())
     assert read_arrivals(path) == arrivals
     for text in ("", "{", '{"format_version": 2}', '{"format_version": 1, "pid": 1}', "[]"):
         path.write_text(text)
@@ -51,14 +45,14 @@ def test_weights_come_in_vllms_natural_order() -> None:
 def test_a_worker_waits_for_its_file_and_no_longer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "arrivals.json"
     arrivals = record(tmp_path)
-    write_arrivals(path, arrivals)
+    atomic_write(path, arrivals.to_json())
     monkeypatch.setenv(ENV_ARRIVALS, str(path))
     monkeypatch.setenv(ENV_BACKGROUND_PID, str(os.getpid()))
 
     def arrive() -> None:
         time.sleep(0.3)
         arrivals.ready = ["model-00001-of-00002.safetensors"]
-        write_arrivals(path, arrivals)
+        atomic_write(path, arrivals.to_json())
     writer = threading.Thread(target=arrive)
     writer.start()
     seen = plugin.wait_for("model-00001-of-00002.safetensors")
@@ -71,7 +65,7 @@ def test_a_worker_waits_for_its_file_and_no_longer(tmp_path: Path, monkeypatch: 
 def test_a_worker_gives_up_with_the_agents_line_once_the_pull_has_failed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "arrivals.json"
-    write_arrivals(path, record(tmp_path, exit_code=3, error="error: blob abc stalled"))
+    atomic_write(path, record(tmp_path, exit_code=3, error="error: blob abc stalled").to_json())
     monkeypatch.setenv(ENV_ARRIVALS, str(path))
     monkeypatch.setenv(ENV_BACKGROUND_PID, "999999999")  # no such process
     monkeypatch.setattr(plugin, "GRACE_SECONDS", 0.1)
